@@ -1,0 +1,112 @@
+"""Small file helpers: atomic writes, so a killed process never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    Args:
+        path: the final file.
+        write: writes the content to the temporary path it is given.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
+        write(Path(tmp))
+        os.replace(tmp, path)  # atomic on POSIX within one file system
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write text atomically.
+
+    Args:
+        path: the final file.
+        text: its content (UTF-8).
+
+    Returns:
+        ``path``.
+    """
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> Path:
+    """Write JSON atomically (indented, NaN written as null).
+
+    Args:
+        path: the final file.
+        obj: a JSON-serialisable object; float NaN/inf become null.
+
+    Returns:
+        ``path``.
+    """
+    return atomic_write_text(path, json.dumps(_clean(obj), indent=2) + "\n")
+
+
+def _clean(obj: Any) -> Any:
+    # JSON has no NaN; null is what other tools read back without surprises.
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _clean(obj.item())
+    return obj
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one JSON line and fsync, so a kill loses at most the line being written.
+
+    Args:
+        path: the ``.jsonl`` file.
+        row: the record.
+    """
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(_clean(row)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a ``.jsonl`` file, ignoring a torn last line.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The records.
+    """
+    rows = []
+    if not Path(path).exists():
+        return rows
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

@@ -1,0 +1,170 @@
+"""Image decoding and model-input preprocessing, in NumPy and Pillow only.
+
+This module is shared by training (the decoded-image cache), evaluation, prediction, export and the web
+service, and it deliberately imports neither torch nor timm so the ONNX prediction path stays light.
+A model's preprocessing is a :class:`Preprocessing` stored in its run's ``metadata.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile
+
+MAX_PIXELS = 40_000_000  # refuse images larger than this (decompression bombs); cells are ~130x130 px
+MIN_SIDE = 8  # px; smaller images hold no cell worth classifying
+
+
+class ImageError(ValueError):
+    """An image that cannot be used, with the reason in words."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model wants its input: letterboxed to a square, scaled to [0, 1], then (x - mean) / std."""
+
+    input_size: int  # px, square
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    resize: str = "letterbox"  # longest side to input_size, aspect kept, padded with black (cells sit on black)
+
+    def to_dict(self) -> dict:
+        """Return a JSON-ready dict."""
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        """Build from :meth:`to_dict` output."""
+        return cls(
+            input_size=int(d["input_size"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            resize=d.get("resize", "letterbox"),
+        )
+
+
+def decode_image(data: bytes, *, name: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode image bytes to 8-bit RGB, with a clear error for anything unusable.
+
+    Grayscale, palette, RGBA (composited on black, like the cells' background) and 16-bit images are
+    converted; truncated files, non-images, tiny and huge images raise.
+
+    Args:
+        data: the encoded file content.
+        name: shown in error messages (usually the path).
+        max_pixels: refuse images with more pixels than this (checked before decoding the pixels).
+
+    Returns:
+        The RGB image.
+
+    Raises:
+        ImageError: with the reason (empty, not an image, truncated, too small, too many pixels).
+    """
+    if not data:
+        raise ImageError(f"{name}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(f"{name}: too many pixels ({w}x{h} > {max_pixels:,}); refusing to decode")
+            ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{name}: too many pixels ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: unreadable or truncated image ({e})") from None
+    if min(w, h) < MIN_SIDE:
+        raise ImageError(f"{name}: image too small ({w}x{h}; at least {MIN_SIDE}x{MIN_SIDE} px)")
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB (alpha composited on black, 16-bit scaled to 8-bit).
+
+    Args:
+        img: a decoded image.
+
+    Returns:
+        An RGB image.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Read and decode an image file (or a ``archive.zip::member`` path) to RGB.
+
+    Args:
+        path: a file path, or ``ARCHIVE.zip::MEMBER`` for an image inside a zip archive.
+        max_pixels: see :func:`decode_image`.
+
+    Returns:
+        The RGB image.
+
+    Raises:
+        ImageError: unreadable file or unusable image.
+    """
+    from malaria_cells.data import read_bytes  # local import: data imports this module
+
+    try:
+        data = read_bytes(str(path))
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read file ({e.strerror or e})") from None
+    return decode_image(data, name=str(path), max_pixels=max_pixels)
+
+
+def letterbox(img: Image.Image, size: int) -> np.ndarray:
+    """Resize so the longest side is ``size`` (aspect kept) and pad to a square with black.
+
+    Args:
+        img: an RGB image.
+        size: output side in px.
+
+    Returns:
+        ``uint8`` array of shape (size, size, 3).
+    """
+    w, h = img.size
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    if (nw, nh) != (w, h):
+        # Pillow's bilinear filter antialiases when shrinking (its support grows with the scale).
+        img = img.resize((nw, nh), Image.BILINEAR)
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top : top + nh, left : left + nw] = np.asarray(img, dtype=np.uint8)
+    return out
+
+
+def normalize(batch: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Turn a uint8 NHWC batch into the float32 NCHW model input.
+
+    Args:
+        batch: ``uint8`` array (N, H, W, 3).
+        prep: the model's preprocessing.
+
+    Returns:
+        ``float32`` array (N, 3, H, W).
+    """
+    x = batch.astype(np.float32) * (1.0 / 255.0)
+    x = (x - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

@@ -1,0 +1,206 @@
+"""Patient-disjoint, class-stratified train/val/test splits, saved as ``split.csv`` and checked on every load.
+
+Infected patients (cells in both folders) and uninfected-only patients are spread over the splits
+separately, so each split gets its share of both kinds. Within each kind, patients are shuffled by the seed
+and dealt out until each split holds its fraction of that kind's images. A by-image split exists only for
+the leakage audit: its kind is ``image-leaky`` and it says so wherever it appears.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+from malaria_cells.data import CellImage, patient_sort_key
+from malaria_cells.io import atomic_write_text
+
+SPLITS = ("train", "val", "test")
+PATIENT = "patient"
+LEAKY = "image-leaky"
+
+
+class LeakageError(RuntimeError):
+    """A patient's cells sit in more than one split of a split that claims to be by patient."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which split each image belongs to."""
+
+    kind: str  # "patient" or "image-leaky"
+    assignment: dict[str, str]  # image rel path -> "train" | "val" | "test"
+    seed: int
+
+    def indices(self, images: list[CellImage], which: str) -> list[int]:
+        """Positions in ``images`` of the images in split ``which`` (images not in the split are ignored)."""
+        return [i for i, im in enumerate(images) if self.assignment.get(im.rel) == which]
+
+    def patients(self, images: list[CellImage], which: str) -> list[str]:
+        """Sorted patient ids of split ``which``."""
+        return sorted({images[i].patient for i in self.indices(images, which)}, key=patient_sort_key)
+
+
+def make_split(
+    images: list[CellImage],
+    *,
+    kind: str = PATIENT,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+) -> Split:
+    """Split images into train/val/test, by patient (default) or by image (leaky, for the audit only).
+
+    Args:
+        images: the labelled images.
+        kind: ``"patient"`` or ``"image-leaky"``.
+        val_fraction: share of images for validation (0-0.5), reached by whole patients.
+        test_fraction: share of images for test (0-0.5), reached by whole patients.
+        seed: shuffling seed; the same images and seed give the same split.
+
+    Returns:
+        The split, already checked for leakage.
+    """
+    if not (0 <= val_fraction < 0.5 and 0 < test_fraction < 0.5):
+        raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in [0, 0.5)")
+    rng = random.Random(seed)
+    assignment: dict[str, str] = {}
+    if kind == LEAKY:
+        by_class: dict[int, list[CellImage]] = defaultdict(list)
+        for im in images:
+            by_class[im.label].append(im)
+        for group in by_class.values():
+            _deal(rng, [(im.rel, 1, [im.rel]) for im in group], val_fraction, test_fraction, assignment)
+    elif kind == PATIENT:
+        cells: dict[str, list[str]] = defaultdict(list)
+        infected: set[str] = set()
+        for im in images:
+            cells[im.patient].append(im.rel)
+            if im.label == 1:
+                infected.add(im.patient)
+        patients = sorted(cells, key=patient_sort_key)
+        for group in ([p for p in patients if p in infected], [p for p in patients if p not in infected]):
+            _deal(rng, [(p, len(cells[p]), cells[p]) for p in group], val_fraction, test_fraction, assignment)
+    else:
+        raise ValueError(f"unknown split kind {kind!r}; use 'patient' or '{LEAKY}'")
+    split = Split(kind=kind, assignment=assignment, seed=seed)
+    check_split(split, images)
+    return split
+
+
+def _deal(rng: random.Random, units: list[tuple[str, int, list[str]]], val: float, test: float, out: dict) -> None:
+    """Shuffle units (patients or single images) and fill test, then val, to their share of images."""
+    rng.shuffle(units)
+    total = sum(n for _, n, _ in units)
+    targets = [("test", test * total), ("val", val * total)]
+    filled = Counter()
+    k = 0
+    for name, target in targets:
+        # Take a unit while that brings the split closer to its target than stopping would.
+        while k < len(units) and abs(filled[name] + units[k][1] - target) < abs(filled[name] - target):
+            for rel in units[k][2]:
+                out[rel] = name
+            filled[name] += units[k][1]
+            k += 1
+    for _, _, rels in units[k:]:
+        for rel in rels:
+            out[rel] = "train"
+
+
+def check_split(split: Split, images: list[CellImage]) -> None:
+    """Raise :class:`LeakageError` if a patient crosses splits (for a by-patient split).
+
+    Args:
+        split: the split.
+        images: the images it covers.
+    """
+    if split.kind == LEAKY:
+        return
+    where: dict[str, set[str]] = defaultdict(set)
+    for im in images:
+        s = split.assignment.get(im.rel)
+        if s is not None:
+            where[im.patient].add(s)
+    crossing = {p: sorted(s) for p, s in where.items() if len(s) > 1}
+    if crossing:
+        examples = ", ".join(f"{p} in {'+'.join(s)}" for p, s in sorted(crossing.items())[:5])
+        raise LeakageError(f"{len(crossing)} patient(s) cross splits ({examples}); the split is not patient-disjoint")
+
+
+def split_to_csv(split: Split, images: list[CellImage]) -> str:
+    """Render a split as CSV text: rel, label, patient, split, kind."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["rel", "label", "patient", "split", "kind"])
+    for im in images:
+        if im.rel in split.assignment:
+            w.writerow([im.rel, im.label, im.patient, split.assignment[im.rel], split.kind])
+    return buf.getvalue()
+
+
+def save_split(split: Split, images: list[CellImage], path) -> None:
+    """Write ``split.csv`` atomically (after re-checking leakage).
+
+    Args:
+        split: the split.
+        images: the images it covers.
+        path: destination.
+    """
+    check_split(split, images)
+    atomic_write_text(path, split_to_csv(split, images))
+
+
+def load_split(path, images: list[CellImage] | None = None) -> Split:
+    """Read ``split.csv`` and check that no patient crosses splits.
+
+    Args:
+        path: the CSV file.
+        images: when given, leakage is checked on these images' patient ids too (ids re-parsed from names).
+
+    Returns:
+        The split.
+
+    Raises:
+        LeakageError: a by-patient split whose file puts one patient in two splits.
+    """
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    kinds = {r["kind"] for r in rows}
+    if len(kinds) > 1:
+        raise ValueError(f"{path}: mixed split kinds {sorted(kinds)}")
+    kind = kinds.pop() if kinds else PATIENT
+    split = Split(kind=kind, assignment={r["rel"]: r["split"] for r in rows}, seed=-1)
+    if kind != LEAKY:
+        where: dict[str, set[str]] = defaultdict(set)
+        for r in rows:
+            where[r["patient"]].add(r["split"])
+        crossing = sorted(p for p, s in where.items() if len(s) > 1)
+        if crossing:
+            raise LeakageError(f"{path}: patient(s) {', '.join(crossing[:5])} cross splits")
+    if images is not None:
+        check_split(split, images)
+    return split
+
+
+def describe(split: Split, images: list[CellImage]) -> list[dict]:
+    """Per split: images, Parasitized, Uninfected, patients, infected patients (for tables)."""
+    rows = []
+    for which in SPLITS:
+        idx = split.indices(images, which)
+        labels = Counter(images[i].label for i in idx)
+        pats = {images[i].patient for i in idx}
+        inf = {images[i].patient for i in idx if images[i].label == 1}
+        rows.append(
+            {
+                "split": which,
+                "images": len(idx),
+                "parasitized": labels[1],
+                "uninfected": labels[0],
+                "patients": len(pats),
+                "infected_patients": len(inf),
+                "uninfected_only_patients": len(pats - inf),
+            }
+        )
+    return rows
