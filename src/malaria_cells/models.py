@@ -270,7 +270,9 @@ def predict_logits(
     model.eval()
     out = np.empty(len(images), dtype=np.float32)
     for a in range(0, len(images), batch_size):
-        x = to_input(torch.from_numpy(np.array(images[a : a + batch_size])).to(device), prep)  # copy: memmaps are read-only
+        x = to_input(
+            torch.from_numpy(np.array(images[a : a + batch_size])).to(device), prep
+        )  # copy: memmaps are read-only
         with autocast(precision, device):
             out[a : a + len(x)] = model(x).float().cpu().numpy()
         if progress:

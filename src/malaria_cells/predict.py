@@ -1,0 +1,459 @@
+"""Prediction with a trained model: an ONNX file (onnxruntime only) or a run folder (torch).
+
+The ONNX path, from :meth:`Classifier.load` to a prediction, imports neither torch nor timm: this module
+imports torch lazily, only when a run folder is loaded. An exported ONNX file carries everything needed
+(preprocessing, threshold, class names, provenance) in its ``metadata_props``, each value JSON-encoded,
+under the keys of :data:`CARD_KEYS`; its graph takes the letterboxed uint8 RGB batch as it is.
+
+``Classifier.load()`` with no model uses ``$MALARIA_CELLS_MODEL`` if set, else the model shipped inside the
+package at ``malaria_cells/models_shipped/default.onnx`` (package data, so the same path works from a clone
+with an editable install and from an installed wheel).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from malaria_cells.preprocess import (
+    MAX_PIXELS,
+    MIN_SIDE,
+    ImageError,
+    Preprocessing,
+    decode_image,
+    letterbox,
+    load_image,
+    to_rgb,
+)
+
+MODEL_ENV = "MALARIA_CELLS_MODEL"
+SHIPPED_MODEL = Path(__file__).resolve().parent / "models_shipped" / "default.onnx"
+ONNX_FORMAT = "malaria-cells-onnx/1"
+ONNX_INPUT = "image"  # uint8 (N, S, S, 3) RGB, letterboxed; normalisation happens inside the graph
+ONNX_OUTPUTS = ("logit", "prob_parasitized")
+# What an exported ONNX file's metadata_props hold (values JSON-encoded) and what /api/v1/model shows.
+CARD_KEYS = (
+    "format",
+    "model",
+    "class_names",
+    "positive_class",
+    "positive_index",
+    "preprocessing",
+    "input",
+    "output",
+    "threshold",
+    "threshold_method",
+    "split_kind",
+    "data_manifest_sha256",
+    "val_metrics_at_threshold",
+    "source_run_created",
+    "created",
+    "package_version",
+    "quantization",
+    "parity_max_abs_diff_prob",
+    "warning",
+)
+IMAGE_SUFFIXES = (".png", ".webp", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+
+ImageInput = str | Path | bytes | Image.Image | np.ndarray
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be found or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The result for one image: a label and P(Parasitized), or the reason it could not be classified."""
+
+    source: str  # the path, upload name, or "<image N>" for in-memory images
+    label: str | None  # a class name, None on error
+    probability: float | None  # P(Parasitized), None on error
+    threshold: float  # Parasitized when probability >= threshold
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the image was classified."""
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict."""
+        return {
+            "source": self.source,
+            "label": self.label,
+            "probability": self.probability,
+            "threshold": self.threshold,
+            "error": self.error,
+        }
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """Find the model to load: the argument, else ``$MALARIA_CELLS_MODEL``, else the shipped default.
+
+    Args:
+        model: an ``.onnx`` file, a run folder, or ``None``.
+
+    Returns:
+        The existing path.
+
+    Raises:
+        ModelError: nothing there; the message says how to get a model.
+    """
+    if model is not None:
+        path, where = Path(model), "--model"
+    elif os.environ.get(MODEL_ENV):
+        path, where = Path(os.environ[MODEL_ENV]), f"${MODEL_ENV}"
+    else:
+        path, where = SHIPPED_MODEL, "the shipped default"
+    if path.exists():
+        return path
+    if where == "the shipped default":
+        raise ModelError(
+            f"no model given and no shipped default model at {path}. Pass --model RUN_FOLDER_OR_ONNX, set "
+            f"${MODEL_ENV}, or export one: `malaria-cells export RUN --format onnx --out {path}`"
+        )
+    raise ModelError(f"{where} points to {path}, which does not exist")
+
+
+def model_card(meta: dict, *, backend: str, source: str) -> dict[str, Any]:
+    """The model card shown to users: the card fields of a run's metadata or an ONNX file's metadata.
+
+    Args:
+        meta: a run's ``metadata.json`` or the decoded ONNX metadata.
+        backend: "onnx" or "torch".
+        source: the file or folder it came from.
+
+    Returns:
+        A JSON-ready dict (missing fields are left out).
+    """
+    card = {k: meta[k] for k in CARD_KEYS if k in meta}
+    if backend == "torch":
+        card.setdefault("package_version", meta.get("packages", {}).get("malaria-cells"))
+        card["input"] = "letterboxed RGB, normalised as in preprocessing (torch)"
+    card.update(
+        backend=backend,
+        source=source,
+        explainable=backend == "torch",
+        disclaimer="Research and education use only; not a medical device and not for diagnosis.",
+    )
+    return card
+
+
+class _OnnxBackend:
+    """onnxruntime inference; preprocessing and threshold come from the file's metadata."""
+
+    name = "onnx"
+
+    def __init__(self, path: Path, *, threads: int | None) -> None:
+        import onnxruntime as ort  # imported here: a run folder needs only torch
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for corrupt files
+            raise ModelError(f"{path}: not a loadable ONNX model ({e})") from None
+        raw = self.session.get_modelmeta().custom_metadata_map
+        if "format" not in raw:
+            raise ModelError(f"{path}: ONNX file without malaria-cells metadata; export it with `malaria-cells export`")
+        meta = {}
+        for k, v in raw.items():
+            try:
+                meta[k] = json.loads(v)
+            except json.JSONDecodeError:
+                meta[k] = v  # a plain string someone else added
+        if meta["format"] != ONNX_FORMAT:
+            raise ModelError(f"{path}: metadata format {meta['format']!r}, this version reads {ONNX_FORMAT!r}")
+        self.meta = meta
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, batch_u8: np.ndarray) -> np.ndarray:
+        _, prob = self.session.run(list(ONNX_OUTPUTS), {self.input_name: np.ascontiguousarray(batch_u8)})
+        return prob.astype(np.float64).reshape(-1)
+
+
+class _TorchBackend:
+    """torch inference on a run folder's best weights (fp32, so results match an fp32 ONNX export)."""
+
+    name = "torch"
+
+    def __init__(self, run_dir: Path, *, threads: int | None) -> None:
+        from malaria_cells.models import set_threads  # lazy: torch is imported only for run folders
+        from malaria_cells.train import load_run_model
+
+        if threads:
+            set_threads(threads)
+        try:
+            self.model, self.meta = load_run_model(run_dir)
+        except (OSError, KeyError, ValueError, RuntimeError) as e:
+            raise ModelError(f"{run_dir}: cannot load the run's model ({e})") from None
+        self.prep = Preprocessing.from_dict(self.meta["preprocessing"])
+
+    def __call__(self, batch_u8: np.ndarray) -> np.ndarray:
+        from malaria_cells.models import predict_logits, sigmoid
+
+        logits = predict_logits(self.model, batch_u8, prep=self.prep, precision="fp32", batch_size=len(batch_u8))
+        return sigmoid(logits).astype(np.float64)
+
+
+class Classifier:
+    """A loaded model that turns cell images into labels and P(Parasitized).
+
+    Use :meth:`load`; the attributes describe the model: ``card`` (model card), ``prep``, ``threshold``,
+    ``class_names``, ``positive_class``, ``backend`` ("onnx" or "torch"), ``source``.
+    """
+
+    def __init__(self, backend: _OnnxBackend | _TorchBackend, *, source: str) -> None:
+        meta = backend.meta
+        self._backend = backend
+        self.backend: str = backend.name
+        self.source = source
+        self.prep = Preprocessing.from_dict(meta["preprocessing"])
+        self.threshold = float(meta["threshold"])
+        self.class_names: list[str] = list(meta["class_names"])
+        self.positive_index = int(meta.get("positive_index", 1))
+        self.positive_class: str = self.class_names[self.positive_index]
+        self.negative_class: str = self.class_names[1 - self.positive_index]
+        self.card = model_card(meta, backend=self.backend, source=source)
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, *, threads: int | None = None) -> Classifier:
+        """Load an ONNX file (onnxruntime) or a run folder (torch).
+
+        Args:
+            model: an ``.onnx`` file, a run folder, or ``None`` for ``$MALARIA_CELLS_MODEL`` or the shipped
+                default (see the module docstring).
+            threads: intra-op threads (default: the runtime's choice, all cores).
+
+        Returns:
+            The classifier.
+
+        Raises:
+            ModelError: the model is missing or unusable.
+        """
+        path = resolve_model(model)
+        if path.is_dir():
+            if not (path / "metadata.json").exists():
+                raise ModelError(f"{path}: a folder but not a finished run (no metadata.json)")
+            return cls(_TorchBackend(path, threads=threads), source=str(path))
+        return cls(_OnnxBackend(path, threads=threads), source=str(path))
+
+    @property
+    def explainable(self) -> bool:
+        """Whether Grad-CAM is available (torch models)."""
+        return self.backend == "torch"
+
+    @property
+    def torch_model(self):  # -> torch.nn.Module; not annotated so this module never needs torch
+        """The torch model (run folders only)."""
+        if not isinstance(self._backend, _TorchBackend):
+            raise ModelError("Grad-CAM needs a torch model: pass a run folder, not an ONNX file")
+        return self._backend.model
+
+    def label_of(self, probability: float) -> str:
+        """The class name for a P(Parasitized) at this model's threshold."""
+        return self.positive_class if probability >= self.threshold else self.negative_class
+
+    def prepare(self, image: ImageInput, *, name: str = "<image>") -> np.ndarray:
+        """Decode and letterbox one image to this model's uint8 input.
+
+        Args:
+            image: a path (also ``ARCHIVE.zip::MEMBER``), encoded bytes, a PIL image or a uint8 array
+                (H, W), (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA.
+            name: used in error messages for in-memory images.
+
+        Returns:
+            uint8 (S, S, 3).
+
+        Raises:
+            ImageError: unusable image, with the reason.
+        """
+        return letterbox(to_image(image, name=name), self.prep.input_size)
+
+    def predict_prepared(self, batch_u8: np.ndarray) -> np.ndarray:
+        """P(Parasitized) for a batch of already letterboxed uint8 images (N, S, S, 3).
+
+        Args:
+            batch_u8: uint8 (N, S, S, 3).
+
+        Returns:
+            float64 probabilities (N,).
+        """
+        if len(batch_u8) == 0:
+            return np.zeros(0)
+        return self._backend(batch_u8)
+
+    def predict(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        *,
+        names: Sequence[str] | None = None,
+        batch_size: int = 64,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Prediction]:
+        """Classify images; an unreadable one gets a :class:`Prediction` with ``error`` and the rest go on.
+
+        Args:
+            images: one image or an iterable of images (paths, encoded bytes, PIL images, uint8 arrays).
+            names: what to call each image in the results (default: the path, or ``<image N>``).
+            batch_size: images per model call.
+            progress: called with the number of images finished after each batch.
+
+        Returns:
+            One prediction per image, in order.
+        """
+        if isinstance(images, (str, Path, bytes, Image.Image, np.ndarray)):
+            items: list[ImageInput] = [images]
+        else:
+            items = list(images)
+        if names is not None and len(names) != len(items):
+            raise ValueError(f"{len(names)} names for {len(items)} images")
+        out: list[Prediction | None] = [None] * len(items)
+        size = self.prep.input_size
+        for start in range(0, len(items), batch_size):
+            stop = min(len(items), start + batch_size)
+            batch = np.zeros((stop - start, size, size, 3), dtype=np.uint8)
+            good: list[int] = []
+            for i in range(start, stop):
+                name = names[i] if names is not None else _default_name(items[i], i)
+                try:
+                    batch[len(good)] = self.prepare(items[i], name=name)
+                    good.append(i)
+                except ImageError as e:
+                    out[i] = Prediction(name, None, None, self.threshold, error=str(e))
+            probs = self.predict_prepared(batch[: len(good)])
+            for i, p in zip(good, probs, strict=True):
+                name = names[i] if names is not None else _default_name(items[i], i)
+                out[i] = Prediction(name, self.label_of(float(p)), float(p), self.threshold)
+            if progress:
+                progress(stop - start)
+        return [p for p in out if p is not None]
+
+
+def _default_name(image: ImageInput, i: int) -> str:
+    return str(image) if isinstance(image, (str, Path)) else f"<image {i}>"
+
+
+def to_image(image: ImageInput, *, name: str = "<image>", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Turn any supported input into an 8-bit RGB PIL image, with the same checks as :func:`decode_image`.
+
+    Args:
+        image: a path, encoded bytes, a PIL image or a uint8 array (H, W[, 1|3|4]).
+        name: used in error messages for in-memory images.
+        max_pixels: refuse larger images.
+
+    Returns:
+        The RGB image.
+
+    Raises:
+        ImageError: unusable input, with the reason.
+    """
+    if isinstance(image, (str, Path)):
+        return load_image(image, max_pixels=max_pixels)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(image), name=name, max_pixels=max_pixels)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ImageError(f"{name}: array of dtype {image.dtype}; expected uint8 (0-255)")
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+            raise ImageError(f"{name}: array of shape {image.shape}; expected (H, W), (H, W, 3) or (H, W, 4)")
+        img = Image.fromarray(np.ascontiguousarray(image))
+    elif isinstance(image, Image.Image):
+        img = image
+        try:
+            img.load()  # a lazily opened file may still be truncated
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{name}: unreadable or truncated image ({e})") from None
+    else:
+        raise ImageError(f"{name}: unsupported input type {type(image).__name__}")
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: too many pixels ({w}x{h} > {max_pixels:,})")
+    if min(w, h) < MIN_SIDE:
+        raise ImageError(f"{name}: image too small ({w}x{h}; at least {MIN_SIDE}x{MIN_SIDE} px)")
+    return to_rgb(img)
+
+
+def collect_inputs(paths: Iterable[str | Path]) -> list[str]:
+    """Expand files, folders (recursively, image files only) and glob patterns into a list of files.
+
+    A path that neither exists nor matches a glob is kept, so it gets a row with its error.
+
+    Args:
+        paths: what the user passed.
+
+    Returns:
+        File paths, folders' contents sorted, duplicates removed (first occurrence kept).
+    """
+    out: list[str] = []
+    for p in paths:
+        s = str(p)
+        path = Path(s)
+        if path.is_dir():
+            found = [str(f) for f in sorted(path.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+            out += found
+        elif path.exists():
+            out.append(s)
+        elif glob.has_magic(s):
+            matches = sorted(glob.glob(s, recursive=True))
+            out += [m for m in matches if Path(m).is_file()] or [s]
+        else:
+            out.append(s)
+    return list(dict.fromkeys(out))
+
+
+FORMATS = ("table", "csv", "json")
+
+
+def format_predictions(predictions: Sequence[Prediction], *, fmt: str, card: dict | None = None) -> str:
+    """Render predictions as a text table, CSV or JSON.
+
+    Args:
+        predictions: the results.
+        fmt: "table", "csv" or "json".
+        card: the model card, included in the JSON output.
+
+    Returns:
+        The text (ends with a newline).
+    """
+    if fmt == "json":
+        doc = {"model": card or {}, "predictions": [p.to_dict() for p in predictions]}
+        return json.dumps(doc, indent=2) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["source", "label", "prob_parasitized", "threshold", "error"])
+        for p in predictions:
+            prob = "" if p.probability is None else f"{p.probability:.6f}"
+            w.writerow([p.source, p.label or "", prob, f"{p.threshold:.6f}", p.error or ""])
+        return buf.getvalue()
+    if fmt == "table":
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"{len(predictions)} image(s)", title_justify="left")
+        for col, just in (("source", "left"), ("label", "left"), ("P(Parasitized)", "right"), ("error", "left")):
+            t.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
+        for p in predictions:
+            prob = "" if p.probability is None else f"{p.probability:.4f}"
+            t.add_row(p.source, p.label or "[red]error[/]", prob, p.error or "")
+        buf = io.StringIO()
+        Console(file=buf, width=140, color_system=None).print(t)
+        return buf.getvalue()
+    raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
