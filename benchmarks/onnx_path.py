@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -61,13 +62,17 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/onnx_path.json")
     args = ap.parse_args()
     image = args.image or str(next(iter(sorted(Path("../shared/nih-cell-images/Parasitized").glob("*.webp")))))
-    rows = {"onnx": measure(args.onnx, image, args.repeat)}
+    rows: dict = {"load_average_1min": os.getloadavg()[0], "onnx": measure(args.onnx, image, args.repeat)}
     if args.run:
         rows["torch"] = measure(args.run, image, args.repeat)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"{'path':6s} {'import s':>9s} {'load s':>7s} {'1st pred s':>10s} {'process s':>9s} {'peak RSS MB':>11s} torch")
+    print(
+        f"{'path':6s} {'import s':>9s} {'load s':>7s} {'1st pred s':>10s} {'process s':>9s} {'peak RSS MB':>11s} torch"
+    )
     for name, r in rows.items():
+        if not isinstance(r, dict):
+            continue
         print(
             f"{name:6s} {r['import_s']:9.3f} {r['load_s']:7.3f} {r['first_predict_s']:10.3f} "
             f"{r['process_wall_s']:9.2f} {r['peak_rss_mb']:11.0f} {r['torch_imported']}"

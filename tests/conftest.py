@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-SHARE = Path(os.environ.get("MALARIA_CELLS_SHARE", Path(__file__).resolve().parents[1] / ".." / "shared" / "nih-cell-images"))
+SHARE = Path(
+    os.environ.get("MALARIA_CELLS_SHARE", Path(__file__).resolve().parents[1] / ".." / "shared" / "nih-cell-images")
+)
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +45,12 @@ def synthetic_cell(rng: np.random.Generator, infected: bool, size: int = 40) -> 
 
 
 def make_synthetic_dataset(
-    root: Path, *, infected_patients: int = 8, uninfected_patients: int = 4, cells: int = 12, seed: int = 0,
+    root: Path,
+    *,
+    infected_patients: int = 8,
+    uninfected_patients: int = 4,
+    cells: int = 12,
+    seed: int = 0,
     ext: str = ".png",
 ) -> Path:
     """Write a folder in the NIH layout with NIH-style names: infected patients have cells in both classes."""
@@ -53,7 +60,9 @@ def make_synthetic_dataset(
             label = "Parasitized" if i % 2 == 0 else "Uninfected"
             d = root / label
             d.mkdir(parents=True, exist_ok=True)
-            synthetic_cell(rng, label == "Parasitized").save(d / f"C{100 + p}P{p}ThinF_IMG_20150101_000000_cell_{i}{ext}")
+            synthetic_cell(rng, label == "Parasitized").save(
+                d / f"C{100 + p}P{p}ThinF_IMG_20150101_000000_cell_{i}{ext}"
+            )
     for p in range(1, uninfected_patients + 1):
         d = root / "Uninfected"
         d.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,10 @@ def test_scan_official_zip_layout(tmp_path, synthetic_data):
         (Path(i.rel).name, i.label) for i in from_dir.images
     )
     assert from_zip.images[0].path.startswith(f"{archive}::cell_images/")
-    assert D.read_bytes(from_zip.images[0].path) == Path(synthetic_data / from_zip.images[0].rel.split("/", 1)[1]).read_bytes()
+    assert (
+        D.read_bytes(from_zip.images[0].path)
+        == Path(synthetic_data / from_zip.images[0].rel.split("/", 1)[1]).read_bytes()
+    )
 
 
 def _png_bytes(size=(40, 40)) -> bytes:

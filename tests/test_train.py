@@ -46,9 +46,26 @@ def _env():
 
 
 def _train_cmd(data: Path, out: Path, epochs: int) -> list[str]:
-    return [sys.executable, "-m", "malaria_cells.cli", "train", "--data", str(data), "--out", str(out),
-            "--input-size", "32", "--batch-size", "8", "--epochs", str(epochs), "--patience", "100",
-            "--threads", "1"]
+    return [
+        sys.executable,
+        "-m",
+        "malaria_cells.cli",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--input-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--epochs",
+        str(epochs),
+        "--patience",
+        "100",
+        "--threads",
+        "1",
+    ]
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path, synthetic_data):
@@ -56,8 +73,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, synthetic_data):
     reference = tmp_path / "reference"
     subprocess.run(_train_cmd(synthetic_data, reference, epochs), check=True, env=_env(), capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(synthetic_data, killed, epochs), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(synthetic_data, killed, epochs), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         f = killed / "metrics.jsonl"
@@ -69,16 +87,22 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, synthetic_data):
     done = len((killed / "metrics.jsonl").read_text().splitlines())
     assert 3 <= done < epochs, "the kill must land mid-run"
     assert not (killed / "metadata.json").exists()
-    subprocess.run([sys.executable, "-m", "malaria_cells.cli", "train", "--resume", str(killed), "--data",
-                    str(synthetic_data)], check=True, env=_env(), capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "malaria_cells.cli", "train", "--resume", str(killed), "--data", str(synthetic_data)],
+        check=True,
+        env=_env(),
+        capture_output=True,
+    )
     ref_rows = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
     got_rows = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in got_rows] == list(range(1, epochs + 1))
     assert [r["train_loss"] for r in got_rows] == [r["train_loss"] for r in ref_rows]
     a, b = load_file(str(reference / "last.safetensors")), load_file(str(killed / "last.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((killed / "metadata.json").read_text())["threshold"] == json.loads(
-        (reference / "metadata.json").read_text())["threshold"]
+    assert (
+        json.loads((killed / "metadata.json").read_text())["threshold"]
+        == json.loads((reference / "metadata.json").read_text())["threshold"]
+    )
 
 
 def test_refuses_to_overwrite_a_run(tmp_path, synthetic_data):

@@ -209,9 +209,13 @@ def train_cmd(
     from malaria_cells.config import resolve_config
     from malaria_cells.progress import console
     from malaria_cells.train import train
+    from malaria_cells.weights import WeightsUnavailable
 
     if resume is not None:
-        run_dir = train(config=None, data_dir=_data(data), run_dir=resume, resume=True)  # type: ignore[arg-type]
+        try:
+            run_dir = train(config=None, data_dir=_data(data), run_dir=resume, resume=True)  # type: ignore[arg-type]
+        except (WeightsUnavailable, ValueError) as e:
+            _fail(str(e))
     else:
         try:
             cfg = resolve_config(
@@ -239,7 +243,10 @@ def train_cmd(
         except ValueError as e:
             _fail(str(e))
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = train(config=cfg, data_dir=_data(data), run_dir=out or Path("runs") / f"{cfg.model}-{stamp}")
+        try:
+            run_dir = train(config=cfg, data_dir=_data(data), run_dir=out or Path("runs") / f"{cfg.model}-{stamp}")
+        except (WeightsUnavailable, ValueError) as e:  # e.g. no ImageNet weights: say what to pass, train nothing
+            _fail(str(e))
     console.print(f"[green]run folder:[/] {run_dir}   next: malaria-cells evaluate {run_dir}")
 
 
@@ -274,17 +281,178 @@ def reproduce_cmd(
     quick: Annotated[bool, typer.Option(help="Subset and few epochs: minutes instead of an hour.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for split and training.")] = 0,
     n_boot: Annotated[int, typer.Option(help="Patient-bootstrap resamples.")] = 1000,
+    strict: Annotated[
+        bool, typer.Option(help="Fail (before training) when a row's pretrained weights cannot be had.")
+    ] = False,
+    weights: Annotated[
+        list[str] | None,
+        typer.Option(help="MODEL=FILE: local timm-format weights for a model, e.g. resnet50v2=r50.safetensors."),
+    ] = None,
 ) -> None:
-    """Train and compare the published project's models on one patient-level split; writes results.md."""
-    from malaria_cells.reproduce import reproduce
+    """Train and compare the published project's models on one patient-level split; writes results.md.
 
-    reproduce(
-        data_dir=_data(data),
-        out_dir=out or Path("runs") / ("reproduce-quick" if quick else "reproduce"),
-        quick=quick,
-        seed=seed,
-        n_boot=n_boot,
-    )
+    Also runs the leakage audit (one model on a LEAKY by-image split). Rows whose pretrained weights cannot be
+    had are reported as "ImageNet weights unavailable" and the others complete (exit 0 with a warning);
+    with --strict that is an error (exit 2) before anything trains.
+    """
+    from malaria_cells.reproduce import reproduce
+    from malaria_cells.weights import WeightsUnavailable
+
+    sources = {}
+    for item in weights or []:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            _fail(f"--weights takes MODEL=FILE, not {item!r}")
+        sources[name] = path
+    try:
+        reproduce(
+            data_dir=_data(data),
+            out_dir=out or Path("runs") / ("reproduce-quick" if quick else "reproduce"),
+            quick=quick,
+            strict=strict,
+            seed=seed,
+            n_boot=n_boot,
+            weights=sources,
+        )
+    except (WeightsUnavailable, ValueError) as e:
+        _fail(str(e))
+
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="An exported .onnx file or a run folder. Default: $MALARIA_CELLS_MODEL, else the shipped model.",
+    ),
+]
+
+
+@app.command("predict")
+def predict_cmd(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) and globs ('cells/**/*.png').")],
+    model: ModelOpt = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | csv | json")] = "table",
+    out: Annotated[Path | None, typer.Option(help="Write the results here instead of standard output.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 64,
+    threads: Annotated[int | None, typer.Option(help="Inference threads (default: all cores).")] = None,
+) -> None:
+    """Classify cell images; a file that cannot be read gets a row with its error and the rest go on.
+
+    Exit code 0 when every image was classified, 1 when any failed, 2 on a usage or model error.
+    """
+    import shutil
+
+    from malaria_cells.io import atomic_write_text
+    from malaria_cells.predict import FORMATS, Classifier, ModelError, collect_inputs, format_predictions
+    from malaria_cells.progress import console, make_progress
+
+    if fmt not in FORMATS:
+        _fail(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    files = collect_inputs(paths)
+    if not files:
+        _fail("no input files")
+    try:
+        clf = Classifier.load(model, threads=threads)
+    except ModelError as e:
+        _fail(str(e))
+    if len(files) > batch_size:  # a bar only where it is worth watching
+        with make_progress() as progress:
+            task = progress.add_task(f"classifying {len(files):,} images", total=len(files))
+            preds = clf.predict(files, batch_size=batch_size, progress=lambda n: progress.advance(task, n))
+    else:
+        preds = clf.predict(files, batch_size=batch_size)
+    width = shutil.get_terminal_size((160, 24)).columns if out is None and sys.stdout.isatty() else 160
+    text = format_predictions(preds, fmt=fmt, card=clf.card, width=width)
+    if out is not None:
+        atomic_write_text(out, text)
+    else:
+        sys.stdout.write(text)
+    failed = sum(not p.ok for p in preds)
+    summary = f"{len(preds) - failed} classified, {failed} failed"
+    console.print(f"[{'yellow' if failed else 'green'}]{summary}[/]" + (f" -> {out}" if out else ""))
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command("explain")
+def explain_cmd(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="A run folder (Grad-CAM needs the torch model).")],
+    out: Annotated[Path, typer.Option(help="Folder for the <name>_gradcam.png figures.")] = Path("gradcam"),
+) -> None:
+    """Grad-CAM heatmaps: one PNG per image with the label and P(Parasitized) in its title.
+
+    Exit code 1 when any image could not be read.
+    """
+    from malaria_cells.predict import Classifier, ModelError, collect_inputs
+    from malaria_cells.progress import console
+
+    try:
+        clf = Classifier.load(model)
+        _ = clf.torch_model
+    except ModelError as e:
+        _fail(str(e))
+    from malaria_cells.explain import explain_files
+
+    results = explain_files(clf, collect_inputs(images), out_dir=out)
+    for pred, path in results:
+        if path is None:
+            console.print(f"[red]error[/] {pred.error}")
+        else:
+            console.print(f"{pred.label:12s} P(Parasitized)={pred.probability:.4f}  {path}")
+    raise typer.Exit(1 if any(p is None for _, p in results) else 0)
+
+
+@app.command("export")
+def export_cmd(
+    run: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    fmt: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+    int8: Annotated[bool, typer.Option("--int8", help="Static int8 quantization (needs the run's data).")] = False,
+    out: Annotated[Path | None, typer.Option(help="Output file (default RUN/model.onnx or model-int8.onnx).")] = None,
+    data: DataOpt = None,
+    quant_format: Annotated[str, typer.Option(help="int8 graph: qdq | qoperator.")] = "qdq",
+    calibration_images: Annotated[int, typer.Option(help="int8: training images for calibration.")] = 512,
+) -> None:
+    """Export to ONNX with metadata inside, check parity with torch; optionally quantize to int8.
+
+    The graph takes letterboxed uint8 RGB (N, S, S, 3); normalisation is inside. An int8 model whose test
+    accuracy drops by more than 0.5 points is exported with a warning recorded in its metadata.
+    """
+    from malaria_cells.export import ExportError, export_run
+
+    if fmt != "onnx":
+        _fail(f"--format {fmt!r} is not supported; only onnx")
+    if not (run / "metadata.json").exists():
+        _fail(f"{run}: not a finished run folder (no metadata.json)")
+    try:
+        export_run(
+            run_dir=run,
+            out=out,
+            int8=int8,
+            data_dir=data,
+            quant_format=quant_format,
+            calibration_images=calibration_images,
+        )
+    except (ExportError, ValueError) as e:
+        _fail(str(e))
+
+
+@app.command("serve")
+def serve_cmd(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 is this machine only.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted image file, in MB.")] = 10.0,
+    max_files: Annotated[int, typer.Option(help="Most files in one request.")] = 32,
+) -> None:
+    """Serve the web page (drop cell images, see labels and heatmaps) and the JSON API (/docs)."""
+    from malaria_cells.predict import ModelError
+    from malaria_cells.serve import serve
+
+    try:
+        serve(model=model, host=host, port=port, max_upload_mb=max_upload_mb, max_files=max_files)
+    except ModelError as e:
+        _fail(str(e))
 
 
 def main() -> None:

@@ -308,7 +308,8 @@ class Classifier:
         """Classify images; an unreadable one gets a :class:`Prediction` with ``error`` and the rest go on.
 
         Args:
-            images: one image or an iterable of images (paths, encoded bytes, PIL images, uint8 arrays).
+            images: one image, an iterable of images (paths, encoded bytes, PIL images, uint8 arrays), or a
+                uint8 batch array (N, H, W, C).
             names: what to call each image in the results (default: the path, or ``<image N>``).
             batch_size: images per model call.
             progress: called with the number of images finished after each batch.
@@ -316,8 +317,10 @@ class Classifier:
         Returns:
             One prediction per image, in order.
         """
-        if isinstance(images, (str, Path, bytes, Image.Image, np.ndarray)):
-            items: list[ImageInput] = [images]
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            items: list[ImageInput] = list(images)  # a batch (N, H, W, C)
+        elif isinstance(images, (str, Path, bytes, Image.Image, np.ndarray)):
+            items = [images]
         else:
             items = list(images)
         if names is not None and len(names) != len(items):
@@ -421,13 +424,16 @@ def collect_inputs(paths: Iterable[str | Path]) -> list[str]:
 FORMATS = ("table", "csv", "json")
 
 
-def format_predictions(predictions: Sequence[Prediction], *, fmt: str, card: dict | None = None) -> str:
+def format_predictions(
+    predictions: Sequence[Prediction], *, fmt: str, card: dict | None = None, width: int = 160
+) -> str:
     """Render predictions as a text table, CSV or JSON.
 
     Args:
         predictions: the results.
         fmt: "table", "csv" or "json".
         card: the model card, included in the JSON output.
+        width: table width in characters.
 
     Returns:
         The text (ends with a newline).
@@ -447,13 +453,15 @@ def format_predictions(predictions: Sequence[Prediction], *, fmt: str, card: dic
         from rich.console import Console
         from rich.table import Table
 
-        t = Table(title=f"{len(predictions)} image(s)", title_justify="left")
+        threshold = f"; Parasitized when P >= {predictions[0].threshold:.4f}" if predictions else ""
+        t = Table(title=f"{len(predictions)} image(s){threshold}", title_justify="left")
         for col, just in (("source", "left"), ("label", "left"), ("P(Parasitized)", "right"), ("error", "left")):
             t.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
         for p in predictions:
             prob = "" if p.probability is None else f"{p.probability:.4f}"
-            t.add_row(p.source, p.label or "[red]error[/]", prob, p.error or "")
+            reason = (p.error or "").removeprefix(f"{p.source}: ")  # the source is in its own column
+            t.add_row(p.source, p.label or "error", prob, reason)
         buf = io.StringIO()
-        Console(file=buf, width=140, color_system=None).print(t)
+        Console(file=buf, width=width, color_system=None).print(t)
         return buf.getvalue()
     raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")

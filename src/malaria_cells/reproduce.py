@@ -1,24 +1,36 @@
 """``reproduce``: train the published project's models on one patient-level split and compare them honestly.
 
 Every row is trained on the same training patients, its threshold chosen on the same validation patients,
-and scored on the same test patients, with patient-bootstrap 95 % CIs. ``results.md``, ``results.json`` and
-``comparison.png`` land in the output folder.
+and scored on the same test patients, with patient-bootstrap 95 % CIs. A leakage audit trains one model
+again on a split by image (cells of one patient on both sides) and reports how much that inflates accuracy,
+which is how the published figures were obtained. ``results.md``, ``results.json`` and ``comparison.png`` land
+in the output folder. Rows whose pretrained weights cannot be had are reported as such; nothing is trained
+from random weights in their place.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime as dt
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from malaria_cells import plots
-from malaria_cells.config import TrainConfig
+from malaria_cells.config import TrainConfig, load_config
 from malaria_cells.evaluate import evaluate_run
 from malaria_cells.io import atomic_write_json, atomic_write_text
+from malaria_cells.models import build_model
 from malaria_cells.progress import console
-from malaria_cells.train import train
+from malaria_cells.split import LEAKY, PATIENT
+from malaria_cells.train import resolve_model_defaults, train
+from malaria_cells.weights import WeightsUnavailable, load_pretrained
+
+UNAVAILABLE = "ImageNet weights unavailable"
+QUICK_MAX_IMAGES = 2000  # class-balanced subset for --quick (about 90 patients keep some cells)
 
 
 @dataclass(frozen=True)
@@ -29,17 +41,64 @@ class Row:
     model: str
     strategy: str
     published: float | None = None  # the published project's accuracy (%, leaky by-image split)
-    quick_epochs: int = 4
-    quick_max_images: int = 4000
+    init_from: str | None = None  # key of the row whose run this one starts from (finetune: the frozen row)
+    epochs: int | None = None  # full run; None = the model's default
+    quick_epochs: int = 3
+
+    @property
+    def key(self) -> str:
+        """Run folder name and reference for ``init_from``."""
+        return f"{self.model}-{self.strategy}"
 
 
-ROWS: tuple[Row, ...] = (Row("Custom CNN (from scratch)", "custom-cnn", "scratch", published=93.60, quick_epochs=5),)
+# Epochs: a frozen head trains in seconds on cached features, so it gets many (early stopping decides); fine-tuning
+# is the expensive row (the unfrozen stages run forward and backward every step) and gets few.
+ROWS: tuple[Row, ...] = (
+    Row("Custom CNN (from scratch)", "custom-cnn", "scratch", published=93.60, quick_epochs=5),
+    Row("ResNet50V2, frozen base", "resnet50v2", "frozen", published=93.41, epochs=20, quick_epochs=10),
+    Row(
+        "ResNet50V2, fine-tuned",
+        "resnet50v2",
+        "finetune",
+        published=96.23,
+        init_from="resnet50v2-frozen",
+        epochs=3,
+        quick_epochs=2,
+    ),
+    Row("EfficientNet-Lite0, frozen base", "efficientnet-lite0", "frozen", epochs=20, quick_epochs=10),
+    Row(
+        "EfficientNet-Lite0, fine-tuned",
+        "efficientnet-lite0",
+        "finetune",
+        init_from="efficientnet-lite0-frozen",
+        epochs=4,
+        quick_epochs=3,
+    ),
+)
+# The leakage audit retrains the first of these rows that completed: the frozen Lite0 head is the cheapest to
+# train again (its backbone features are mostly cached already: same cells, other split).
+AUDIT_PREFERENCE: tuple[str, ...] = ("efficientnet-lite0-frozen", "custom-cnn-scratch")
+METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc", "mcc")
 
 PUBLISHED_NOTE = (
     "Published figures: the project this tool reproduces, split by image (cells of one patient in train and "
     "test), which inflates accuracy by several points (Rajaraman et al., PeerJ 2018: 98.6 % by image vs 95.9 % "
-    "by patient for the same model)."
+    "by patient for the same model). They are shown beside, not compared with, the patient-level numbers; the "
+    "leakage audit measures the inflation on this data."
 )
+
+
+def check_weights(model: str, source: str) -> None:
+    """Load a model's pretrained weights once, to learn before any training whether they can be had.
+
+    Args:
+        model: registry name of a timm model.
+        source: "imagenet" or a file.
+
+    Raises:
+        WeightsUnavailable: with the reason and what to pass instead.
+    """
+    load_pretrained(build_model(model).backbone, name=model, source=source)
 
 
 def reproduce(
@@ -47,92 +106,249 @@ def reproduce(
     data_dir: Path,
     out_dir: Path,
     quick: bool = False,
+    strict: bool = False,
     seed: int = 0,
     n_boot: int = 1000,
     resume: bool = True,
-    rows: tuple[Row, ...] = ROWS,
+    rows: tuple[Row, ...] | None = None,
+    audit: bool = True,
+    weights: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict:
-    """Train and evaluate every row on one patient-level split; write results.md/json and a comparison plot.
+    """Train and evaluate every row on one patient-level split, run the leakage audit, write the results.
 
     Args:
         data_dir: folder or zip archive of cell images.
         out_dir: output folder (one run folder per row inside, plus the results).
         quick: a class-balanced subset and few epochs (the README's demo; minutes, not an hour).
+        strict: stop before training anything when a row's pretrained weights cannot be had.
         seed: split, subset and training seed (the same for every row, so rows share patients).
         n_boot: patient-bootstrap resamples.
         resume: reuse finished runs in ``out_dir`` and resume interrupted ones.
-        rows: the models to compare.
+        rows: the models to compare (default :data:`ROWS`).
+        audit: run the by-image leakage audit.
+        weights: pretrained weights per model name ("imagenet" or a file); default "imagenet".
+        overrides: config fields applied to every row (e.g. ``input_size``, ``max_images`` in tests).
 
     Returns:
-        The results dict.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    t_all = time.perf_counter()
-    for row in rows:
-        slug = row.name.lower().split(" (")[0].replace(" ", "-")
-        run_dir = out_dir / f"{slug}-{row.strategy}"
-        overrides = {"model": row.model, "strategy": row.strategy, "seed": seed}
-        if quick:
-            overrides.update(epochs=row.quick_epochs, max_images=row.quick_max_images)
-        config = TrainConfig(**overrides)
-        console.rule(f"[bold]{row.name}")
-        t0 = time.perf_counter()
-        if (run_dir / "metadata.json").exists() and resume:
-            console.print(f"reusing finished run {run_dir}")
-        else:
-            train(config=config, data_dir=data_dir, run_dir=run_dir, resume=resume and (run_dir / "state.pt").exists())
-        ev = evaluate_run(run_dir=run_dir, data_dir=data_dir, split="test", n_boot=n_boot, seed=seed)
-        import json
+        The results dict (also written to ``results.json``); ``unavailable`` lists the rows without weights.
 
-        meta = json.loads((run_dir / "metadata.json").read_text())
-        results.append(
-            {
-                "name": row.name,
-                "model": row.model,
-                "strategy": row.strategy,
-                "run": str(run_dir),
-                "published_accuracy_leaky": row.published,
-                "metrics": {k: ev["metrics"][k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc", "mcc")},
-                "threshold": ev["threshold"],
-                "parameters": meta["parameters"],
-                "weights_mb": meta["weights_mb"],
-                "train_time_s": meta["train_time_s"],
-                "train_images_per_s": meta["train_images_per_s_median"],
-                "inference_cells_per_s": ev["inference_cells_per_s"],
-                "n_test_cells": ev["n_cells"],
-                "n_test_patients": ev["n_patients"],
-                "wall_s": time.perf_counter() - t0,
-            }
-        )
+    Raises:
+        WeightsUnavailable: ``strict`` and some row's weights cannot be had (raised before any training).
+    """
+    rows = ROWS if rows is None else rows
+    weights = weights or {}
+    out_dir = Path(out_dir)
+    t_all = time.perf_counter()
+    missing: dict[str, str] = {}
+    for model in dict.fromkeys(r.model for r in rows if r.strategy != "scratch"):
+        try:
+            check_weights(model, weights.get(model, "imagenet"))
+        except WeightsUnavailable as e:
+            missing[model] = str(e)
+    if missing and strict:
+        raise WeightsUnavailable("; ".join(f"{m}: {msg}" for m, msg in missing.items()))
+    for model, msg in missing.items():
+        console.print(f"[bold yellow]warning:[/] {model}: {UNAVAILABLE}; its rows are reported as such. {msg}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    results: list[dict] = []
+    runs: dict[str, Path] = {}
+    for i, row in enumerate(rows, 1):
+        console.rule(f"[bold]{i}/{len(rows)}  {row.name}")
+        reason = missing.get(row.model)
+        if reason is None and row.init_from and row.init_from not in runs:
+            reason = f"starts from row {row.init_from}, which did not run"
+        if reason is not None:
+            results.append(_unavailable(row, reason))
+            continue
+        config = row_config(row, quick=quick, seed=seed, runs=runs, weights=weights, overrides=overrides)
+        run_dir = out_dir / row.key
+        t0 = time.perf_counter()
+        _train_or_reuse(config, data_dir=data_dir, run_dir=run_dir, resume=resume)
+        runs[row.key] = run_dir
+        results.append(_evaluate(row, run_dir, data_dir=data_dir, n_boot=n_boot, seed=seed, t0=t0))
+    same = _same_test_cells([Path(r["run"]) for r in results if r["status"] == "ok"])
+
+    audit_result = None
+    candidates = [k for k in AUDIT_PREFERENCE if k in runs] + [k for k in runs if k not in AUDIT_PREFERENCE]
+    if audit and candidates:
+        row = next(r for r in rows if r.key == candidates[0])
+        console.rule(f"[bold red]leakage audit: {row.name} on a LEAKY by-image split")
+        config = row_config(row, quick=quick, seed=seed, runs=runs, weights=weights, overrides=overrides, split=LEAKY)
+        run_dir = out_dir / f"audit-{LEAKY}-{row.key}"
+        t0 = time.perf_counter()
+        _train_or_reuse(config, data_dir=data_dir, run_dir=run_dir, resume=resume)
+        leaky = _evaluate(row, run_dir, data_dir=data_dir, n_boot=n_boot, seed=seed, t0=t0)
+        honest = next(r for r in results if r["status"] == "ok" and r["run"] == str(runs[row.key]))
+        audit_result = {
+            "row": row.name,
+            "split": LEAKY,
+            "leaky": leaky,
+            "patient_accuracy": honest["metrics"]["accuracy"],
+            "inflation_points": 100 * (leaky["metrics"]["accuracy"]["value"] - honest["metrics"]["accuracy"]["value"]),
+        }
+
     out = {
         "quick": quick,
         "seed": seed,
         "data": str(data_dir),
-        "split": "patient",
+        "split": PATIENT,
+        "same_test_cells": same,
         "date": dt.date.today().isoformat(),
         "wall_s": time.perf_counter() - t_all,
         "rows": results,
+        "unavailable": [r["name"] for r in results if r["status"] != "ok"],
+        "leakage_audit": audit_result,
+        "overrides": overrides or {},
     }
     atomic_write_json(out_dir / "results.json", out)
-    plots.plot_comparison(
-        [
-            {
-                "name": r["name"],
-                "value": r["metrics"]["accuracy"]["value"],
-                "low": r["metrics"]["accuracy"]["low"],
-                "high": r["metrics"]["accuracy"]["high"],
-                "published": r["published_accuracy_leaky"] / 100 if r["published_accuracy_leaky"] else None,
-            }
-            for r in results
-        ],
-        out_dir / "comparison.png",
-        metric="accuracy",
-    )
+    _plot(out, out_dir / "comparison.png")
     atomic_write_text(out_dir / "results.md", render_results(out))
     console.print(f"[green]wrote[/] {out_dir / 'results.md'}")
+    if out["unavailable"]:
+        console.print(
+            f"[bold yellow]warning:[/] {len(out['unavailable'])} row(s) without results: "
+            f"{', '.join(out['unavailable'])} ({UNAVAILABLE}; --strict makes this an error)"
+        )
     return out
+
+
+def row_config(
+    row: Row,
+    *,
+    quick: bool,
+    seed: int,
+    runs: dict[str, Path],
+    weights: dict[str, str],
+    overrides: dict[str, Any] | None,
+    split: str = PATIENT,
+) -> TrainConfig:
+    """The resolved training config of a row.
+
+    Args:
+        row: the row.
+        quick: subset and quick epochs.
+        seed: the shared seed.
+        runs: finished run folders by row key (for ``init_from``).
+        weights: pretrained weights per model name.
+        overrides: fields applied last.
+        split: "patient" or "image-leaky" (the audit).
+
+    Returns:
+        The config.
+    """
+    values: dict[str, Any] = {"model": row.model, "strategy": row.strategy, "seed": seed, "split": split}
+    if row.strategy != "scratch":
+        values["weights"] = weights.get(row.model, "imagenet")
+    epochs = row.quick_epochs if quick else row.epochs
+    if epochs is not None:
+        values["epochs"] = epochs
+    if quick:
+        values["max_images"] = QUICK_MAX_IMAGES
+    if row.init_from:
+        values["init_from"] = str(runs[row.init_from])
+    values.update(overrides or {})
+    return resolve_model_defaults(TrainConfig(**values))
+
+
+def _train_or_reuse(config: TrainConfig, *, data_dir: Path, run_dir: Path, resume: bool) -> None:
+    if resume and (run_dir / "config.yaml").exists():
+        if load_config(run_dir / "config.yaml") != config:
+            raise ValueError(
+                f"{run_dir} holds a run with another config; pass another --out (or delete it) to train this one"
+            )
+        if (run_dir / "metadata.json").exists():
+            console.print(f"reusing finished run {run_dir}")
+            return
+        train(config=config, data_dir=data_dir, run_dir=run_dir, resume=True)
+        return
+    train(config=config, data_dir=data_dir, run_dir=run_dir)
+
+
+def _unavailable(row: Row, reason: str) -> dict:
+    return {
+        "name": row.name,
+        "model": row.model,
+        "strategy": row.strategy,
+        "status": "unavailable",
+        "reason": reason,
+        "published_accuracy_leaky": row.published,
+    }
+
+
+def _evaluate(row: Row, run_dir: Path, *, data_dir: Path, n_boot: int, seed: int, t0: float) -> dict:
+    done = run_dir / "eval-test" / "metrics.json"
+    ev = json.loads(done.read_text()) if done.exists() else None
+    # A finished evaluation of these very weights (written after them) with the same bootstrap is reused.
+    if (
+        ev is None
+        or ev["data"] != str(data_dir)
+        or ev["bootstrap"]["resamples"] != n_boot
+        or ev["bootstrap"]["seed"] != seed
+        or done.stat().st_mtime < (run_dir / "best.safetensors").stat().st_mtime
+    ):
+        ev = evaluate_run(run_dir=run_dir, data_dir=data_dir, split="test", n_boot=n_boot, seed=seed)
+    meta = json.loads((run_dir / "metadata.json").read_text())
+    transfer = meta.get("transfer") or {}
+    extraction = transfer.get("extraction") or {}
+    return {
+        "name": row.name,
+        "model": row.model,
+        "strategy": row.strategy,
+        "status": "ok",
+        "run": str(run_dir),
+        "split_kind": meta["split_kind"],
+        "published_accuracy_leaky": row.published,
+        "metrics": {k: ev["metrics"][k] for k in METRICS},
+        "threshold": ev["threshold"],
+        "parameters": meta["parameters"],
+        "trainable_parameters": meta.get("trainable_parameters"),
+        "weights_mb": meta["weights_mb"],
+        "weights": meta.get("weights"),
+        "input_size": meta["preprocessing"]["input_size"],
+        "epochs_run": meta["epochs_run"],
+        "best_epoch": meta["best_epoch"],
+        "train_time_s": meta["train_time_s"],
+        "feature_extraction": extraction or None,
+        "frozen_part": transfer.get("frozen_part"),
+        "train_images_per_s": meta["train_images_per_s_median"],
+        "inference_cells_per_s": ev["inference_cells_per_s"],
+        "n_test_cells": ev["n_cells"],
+        "n_test_patients": ev["n_patients"],
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+def _same_test_cells(run_dirs: list[Path]) -> bool:
+    """Whether every run's split.csv puts the same cells in test (so every row is scored on the same patients)."""
+    sets = []
+    for run in run_dirs:
+        with open(run / "split.csv", newline="", encoding="utf-8") as f:
+            sets.append(frozenset(r["rel"] for r in csv.DictReader(f) if r["split"] == "test"))
+    same = len(set(sets)) <= 1
+    if not same:
+        console.print("[bold red]warning:[/] the rows were not tested on the same cells; compare them with care")
+    return same
+
+
+def _plot(out: dict, path: Path) -> None:
+    bars = [
+        {
+            "name": r["name"],
+            "value": r["metrics"]["accuracy"]["value"],
+            "low": r["metrics"]["accuracy"]["low"],
+            "high": r["metrics"]["accuracy"]["high"],
+            "published": r["published_accuracy_leaky"] / 100 if r["published_accuracy_leaky"] else None,
+        }
+        for r in out["rows"]
+        if r["status"] == "ok"
+    ]
+    if out["leakage_audit"]:
+        acc = out["leakage_audit"]["leaky"]["metrics"]["accuracy"]
+        name = f"LEAKY by-image split (audit only):\n{out['leakage_audit']['row']}"
+        bars.append({"name": name, "value": acc["value"], "low": acc["low"], "high": acc["high"], "published": None})
+    plots.plot_comparison(bars, path, metric="accuracy")
 
 
 def _ci(d: dict, pct: bool = True) -> str:
@@ -140,34 +356,100 @@ def _ci(d: dict, pct: bool = True) -> str:
     digits = 2 if pct else 3
     if d["value"] is None or d["value"] != d["value"]:
         return "n/a"
+    if d.get("low") is None or d.get("high") is None:
+        return f"{d['value'] * f:.{digits}f}"
     return f"{d['value'] * f:.{digits}f} ({d['low'] * f:.{digits}f}–{d['high'] * f:.{digits}f})"
 
 
+def _num(v: float | None, fmt: str) -> str:
+    return "—" if v is None else format(v, fmt)
+
+
 def render_results(out: dict) -> str:
-    """The comparison table as Markdown."""
+    """The comparison table, the leakage audit and the notes, as Markdown."""
     mode = "quick (subset, few epochs: a smoke test, not the reported result)" if out["quick"] else "full"
+    first = next((r for r in out["rows"] if r["status"] == "ok"), None)
+    cells = f"{first['n_test_cells']:,} cells of {first['n_test_patients']} patients" if first else "no rows ran"
     lines = [
         "# malaria-cells: model comparison on patient-disjoint test patients",
         "",
         f"- Mode: {mode}; date {out['date']}; data `{out['data']}`; seed {out['seed']}; wall time "
         f"{out['wall_s'] / 60:.1f} min",
-        "- Accuracy, sensitivity, specificity in %; 95 % CIs from a bootstrap over test **patients**;"
-        " threshold chosen on validation patients.",
+        f"- Test set: {cells}, the same for every row: {'yes' if out['same_test_cells'] else '**NO**'}. "
+        "Accuracy, sensitivity, specificity in %; 95 % CIs from a bootstrap over test **patients**; threshold "
+        "chosen on validation patients.",
         "",
-        "| Model | Accuracy | Sensitivity | Specificity | ROC-AUC | MCC | Published (leaky) | Params | Size MB |"
-        " Train min | Train img/s | Infer cells/s |",
-        "|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| Model | Accuracy | Sensitivity | Specificity | ROC-AUC | MCC | Published accuracy (leaky split) | Params |"
+        " Size MB | Train min | Infer cells/s |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in out["rows"]:
-        m = r["metrics"]
         pub = f"{r['published_accuracy_leaky']:.2f}" if r["published_accuracy_leaky"] else "—"
+        if r["status"] != "ok":
+            lines.append(f"| {r['name']} | **{UNAVAILABLE}** | — | — | — | — | {pub} | — | — | — | — |")
+            continue
+        m = r["metrics"]
         lines.append(
             f"| {r['name']} | {_ci(m['accuracy'])} | {_ci(m['sensitivity'])} | {_ci(m['specificity'])} | "
             f"{_ci(m['roc_auc'], pct=False)} | {_ci(m['mcc'], pct=False)} | {pub} | {r['parameters']:,} | "
-            f"{r['weights_mb']:.2f} | {r['train_time_s'] / 60:.1f} | {r['train_images_per_s']:.0f} | "
-            f"{r['inference_cells_per_s']:.0f} |"
+            f"{r['weights_mb']:.2f} | {r['train_time_s'] / 60:.2f} | {_num(r['inference_cells_per_s'], '.0f')} |"
         )
-    lines += ["", PUBLISHED_NOTE, "", "![comparison](comparison.png)", ""]
+    audit = out.get("leakage_audit")
+    if audit:
+        leaky = audit["leaky"]["metrics"]["accuracy"]
+        lines += [
+            "",
+            "## Leakage audit — LEAKY by-image split (not a result)",
+            "",
+            f"The same training as the row *{audit['row']}*, but split **by image**: cells of one patient sit in "
+            "train and test, as in the published project. These numbers are inflated and exist only to show by "
+            "how much.",
+            "",
+            "| Split | Test accuracy % (95 % CI) |",
+            "|---|---|",
+            f"| by image (**LEAKY**) | {_ci(leaky)} |",
+            f"| by patient (honest, table above) | {_ci(audit['patient_accuracy'])} |",
+            f"| **inflation** (leaky − patient) | **{audit['inflation_points']:+.2f} points** |",
+        ]
+    lines += [
+        "",
+        "## How each row was trained",
+        "",
+        "| Model | Input px | Weights | Trainable params | Epochs (best) | Frozen-backbone features | Fine-tuning "
+        "input |",
+        "|---|---:|---|---:|---|---|---|",
+    ]
+    for r in out["rows"]:
+        if r["status"] != "ok":
+            why = r["reason"].split(" (")[0]
+            lines.append(
+                f"| {r['name']} | — | {UNAVAILABLE}: {why}; pass `--weights {r['model']}=FILE` | — | — | — | — |"
+            )
+            continue
+        ext = r.get("feature_extraction") or {}
+        feats = (
+            f"{ext['computed']:,} computed at {_num(ext.get('images_per_s'), '.0f')} img/s, {ext['reused']:,} reused"
+            if ext
+            else "—"
+        )
+        lines.append(
+            f"| {r['name']} | {r['input_size']} | {r['weights'] or 'none'} | {_num(r['trainable_parameters'], ',')} | "
+            f"{r['epochs_run']} ({r['best_epoch']}) | {feats} | {r.get('frozen_part') or '—'} |"
+        )
+    lines += [
+        "",
+        "- Train min: this row's own training, feature extraction included; a fine-tuned row starts from its "
+        "frozen row's head and cached activations, whose time is in the frozen row.",
+        "- Infer cells/s: the whole model on the test cells, this machine, batch 256.",
+        f"- {PUBLISHED_NOTE}",
+        "- EfficientNet-Lite0 rows have no published counterpart: they are this tool's additions.",
+    ]
+    if out["unavailable"]:
+        lines.append(
+            f"- {UNAVAILABLE}: those rows were not trained (never from random weights in their place). Provide the "
+            "weights (see the reason above) and run again; finished rows are reused."
+        )
+    lines += ["", "![comparison](comparison.png)", ""]
     return "\n".join(lines)
 
 

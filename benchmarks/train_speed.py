@@ -1,0 +1,89 @@
+"""Training throughput of a model, fp32 vs bf16 autocast, measured in one run (same process, interleaved).
+
+Run: .venv/bin/python benchmarks/train_speed.py [--model custom-cnn] [--size 64] [--batch 64] [--steps 20] [--rounds 3]
+Prints a table and writes benchmarks/results/train_speed_<model>.json. Each step is a real training step:
+augmentation, normalisation, channels_last forward/backward, AdamW. bf16 only pays off on CPUs with native
+bf16 (AVX-512 BF16 / AMX); elsewhere it is emulated and slower, which is why ``precision=auto`` picks fp32 there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from malaria_cells.io import atomic_write_json
+from malaria_cells.models import autocast, build_model, cpu_has_bf16, default_preprocessing, to_input
+from malaria_cells.train import augment
+
+
+def steps_per_s(model, prep, precision: str, batch: int, steps: int) -> float:
+    """Median images/s over ``steps`` training steps (after two warm-up steps)."""
+    device = torch.device("cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    x_u8 = torch.randint(0, 255, (batch, prep.input_size, prep.input_size, 3), dtype=torch.uint8)
+    y = torch.randint(0, 2, (batch,)).float()
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        x = to_input(augment(x_u8, gen), prep)
+        with autocast(precision, device):
+            out = model(x)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="custom-cnn")
+    ap.add_argument("--size", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    prep = default_preprocessing(args.model, args.size)
+    model = build_model(args.model).to(memory_format=torch.channels_last).train()
+    res: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(args.rounds):  # interleaved rounds: machine noise hits both precisions alike
+        for precision in res:
+            res[precision].append(steps_per_s(model, prep, precision, args.batch, args.steps))
+    out = {
+        "model": args.model,
+        "input_size": prep.input_size,
+        "batch": args.batch,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_has_native_bf16": cpu_has_bf16(),
+        "images_per_s": {p: statistics.median(v) for p, v in res.items()},
+        "rounds": res,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    t = Table(
+        title=f"{args.model} training at {prep.input_size}px, batch {args.batch}, {out['threads']} threads "
+        f"(native bf16: {cpu_has_bf16()})"
+    )
+    t.add_column("precision")
+    t.add_column("images/s (median of rounds)", justify="right")
+    for p, v in out["images_per_s"].items():
+        t.add_row(p, f"{v:.0f}")
+    Console().print(t)
+    atomic_write_json(Path(f"benchmarks/results/train_speed_{args.model}.json"), out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Grad-CAM heatmaps for torch models: which part of the cell drove the prediction.
+
+The heatmap explains the predicted label: for Parasitized it follows the gradient of the logit, for Uninfected
+the gradient of minus the logit. The layer is the custom CNN's last convolution (taken after its batch norm
+and ReLU), or a timm backbone's last feature stage (from timm's ``feature_info``). ONNX models have no
+gradients here: pass a run folder.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from malaria_cells.io import atomic_write
+from malaria_cells.models import to_input
+from malaria_cells.predict import Classifier, ImageInput, Prediction
+from malaria_cells.preprocess import ImageError
+
+_LOCK = threading.Lock()  # the hook lives on the shared model: one Grad-CAM at a time (the service has threads)
+
+
+@dataclass
+class Explanation:
+    """A prediction with the model input it was made on and its Grad-CAM heatmap."""
+
+    prediction: Prediction
+    image: np.ndarray  # uint8 (S, S, 3): the letterboxed model input
+    heatmap: np.ndarray  # float32 (S, S) in [0, 1]
+
+
+def target_layer(model: nn.Module) -> nn.Module:
+    """The layer Grad-CAM looks at: the custom CNN's last convolution (its block output, after batch norm and ReLU),
+    a timm model's last feature stage.
+
+    Args:
+        model: a registry model.
+
+    Returns:
+        The module whose output is used.
+    """
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and getattr(backbone, "feature_info", None):
+        return backbone.get_submodule(backbone.feature_info[-1]["module"])
+    modules = list(model.modules())
+    convs = [i for i, m in enumerate(modules) if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"{type(model).__name__} has no convolution for Grad-CAM")
+    # The last convolution's block output (after batch norm and ReLU): Grad-CAM assumes non-negative feature
+    # maps; the raw convolution output can be negative everywhere and then gives an empty map.
+    after = [m for m in modules[convs[-1] + 1 :] if isinstance(m, nn.ReLU)]
+    return after[0] if after else modules[convs[-1]]
+
+
+def grad_cam(
+    model: nn.Module, x: torch.Tensor, *, layer: nn.Module | None = None, sign: float | None = None
+) -> tuple[np.ndarray, float]:
+    """Grad-CAM of one normalised input.
+
+    Args:
+        model: the model (kept in eval mode; its parameters get no gradients).
+        x: float (1, 3, S, S), normalised as the model expects.
+        layer: default :func:`target_layer`.
+        sign: +1 explains Parasitized (the logit), -1 Uninfected (minus the logit); default: the sign of the
+            logit (the label at threshold 0.5; :func:`explain` uses the model's threshold).
+
+    Returns:
+        (heatmap float32 (S, S) in [0, 1], logit).
+    """
+    layer = layer or target_layer(model)
+    saved: dict[str, torch.Tensor] = {}
+    owner = threading.get_ident()
+
+    def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        if threading.get_ident() == owner:  # a prediction running in another thread passes through untouched
+            saved["act"] = output
+
+    model.eval()
+    with _LOCK:
+        handle = layer.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                x = x.detach().clone().requires_grad_(True)  # so the graph is built even with frozen weights
+                logit = model(x)[0]
+                s = sign if sign is not None else (1.0 if logit.item() >= 0 else -1.0)
+                # autograd.grad, not backward(): no .grad accumulates on the shared model's parameters.
+                (grad,) = torch.autograd.grad(s * logit, saved["act"])
+        finally:
+            handle.remove()
+    act, grad = saved["act"].detach()[0], grad.detach()[0]  # (C, h, w)
+    weights = grad.mean(dim=(1, 2), keepdim=True)
+    cam = torch.relu((weights * act).sum(0))[None, None]
+    cam = nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    top = cam.max()
+    cam = cam / top if top > 0 else cam
+    return cam.numpy().astype(np.float32), float(logit.item())
+
+
+def explain(classifier: Classifier, image: ImageInput, *, name: str = "<image>") -> Explanation:
+    """Predict one image and compute its Grad-CAM for the predicted label.
+
+    Args:
+        classifier: a classifier loaded from a run folder (torch).
+        image: a path, encoded bytes, PIL image or uint8 array.
+        name: the image's name in the prediction.
+
+    Returns:
+        The explanation.
+
+    Raises:
+        ImageError: unusable image.
+        ModelError: the classifier is not a torch model.
+    """
+    model = classifier.torch_model
+    u8 = classifier.prepare(image, name=name)
+    x = to_input(torch.from_numpy(u8[None]), classifier.prep).contiguous()
+    with torch.no_grad():
+        prob = float(torch.sigmoid(model.eval()(x))[0])
+    positive = prob >= classifier.threshold
+    cam, _ = grad_cam(model, x, sign=1.0 if positive else -1.0)
+    pred = Prediction(name, classifier.label_of(prob), prob, classifier.threshold)
+    return Explanation(pred, u8, cam)
+
+
+def colorize(heatmap: np.ndarray) -> np.ndarray:
+    """Map [0, 1] to a blue-cyan-yellow-red ramp (a jet-like map without matplotlib).
+
+    Args:
+        heatmap: float (H, W) in [0, 1].
+
+    Returns:
+        uint8 (H, W, 3).
+    """
+    h = np.clip(heatmap, 0.0, 1.0)
+    r = np.clip(1.5 - np.abs(4 * h - 3), 0, 1)
+    g = np.clip(1.5 - np.abs(4 * h - 2), 0, 1)
+    b = np.clip(1.5 - np.abs(4 * h - 1), 0, 1)
+    return (np.stack([r, g, b], -1) * 255 + 0.5).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.45, scale: int = 1) -> np.ndarray:
+    """Blend a colourised heatmap over the image.
+
+    Args:
+        image: uint8 (H, W, 3).
+        heatmap: float (H, W) in [0, 1].
+        alpha: heatmap opacity (0-1).
+        scale: integer upscaling of the result (bilinear), for display.
+
+    Returns:
+        uint8 (H * scale, W * scale, 3).
+    """
+    blend = (1 - alpha) * image.astype(np.float32) + alpha * colorize(heatmap).astype(np.float32)
+    out = np.clip(blend + 0.5, 0, 255).astype(np.uint8)
+    if scale > 1:
+        out = np.asarray(Image.fromarray(out).resize((out.shape[1] * scale, out.shape[0] * scale), Image.BILINEAR))
+    return out
+
+
+def overlay_png(expl: Explanation, *, scale: int = 3) -> bytes:
+    """The heatmap overlay as PNG bytes (what the web service returns).
+
+    Args:
+        expl: an explanation.
+        scale: integer upscaling.
+
+    Returns:
+        PNG bytes.
+    """
+    buf = io.BytesIO()
+    Image.fromarray(overlay(expl.image, expl.heatmap, scale=scale)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_figure(expl: Explanation, path: Path) -> Path:
+    """Write the input and its overlay side by side, label and probability in the title, as a PNG.
+
+    Args:
+        expl: an explanation.
+        path: the ``.png`` to write (atomically).
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = expl.prediction
+    fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.6), dpi=120)
+    axes[0].imshow(expl.image)
+    axes[0].set_title("input (letterboxed)", fontsize=9)
+    axes[1].imshow(overlay(expl.image, expl.heatmap))
+    axes[1].set_title("Grad-CAM (evidence for the label)", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(
+        f"{p.label}: P(Parasitized) = {p.probability:.3f} (threshold {p.threshold:.3f})\n{Path(p.source).name}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    try:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def explain_files(classifier: Classifier, paths: list[str], *, out_dir: Path) -> list[tuple[Prediction, Path | None]]:
+    """Write one Grad-CAM figure per image into ``out_dir``; unreadable images get their error instead.
+
+    Args:
+        classifier: a torch classifier.
+        paths: image files.
+        out_dir: output folder (created); figures are named ``<stem>_gradcam.png``.
+
+    Returns:
+        (prediction, figure path or None) per image.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[tuple[Prediction, Path | None]] = []
+    used: set[str] = set()
+    for path in paths:
+        try:
+            expl = explain(classifier, path, name=str(path))
+        except ImageError as e:
+            results.append((Prediction(str(path), None, None, classifier.threshold, error=str(e)), None))
+            continue
+        stem = Path(path).stem
+        name, k = f"{stem}_gradcam.png", 1
+        while name in used:  # same file name in two folders
+            k += 1
+            name = f"{stem}_{k}_gradcam.png"
+        used.add(name)
+        results.append((expl.prediction, save_figure(expl, out_dir / name)))
+    return results

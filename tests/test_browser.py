@@ -1,0 +1,163 @@
+"""End to end in a real browser: the real server (uvicorn in a subprocess) and Debian's chromium driven headless by
+Playwright. Needs /usr/bin/chromium (``apt-get install chromium``) and the NIH share: both missing = a failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deploy_helpers import tiny_run
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PHONE = {"width": 390, "height": 844}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``malaria-cells serve`` on a free port with the tiny torch run (so heatmaps are on); yields its URL."""
+    run, _, _ = tiny_run(tmp_path_factory.getbasetemp() / "deploy")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "malaria_cells.cli", "serve", "--model", str(run), "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MALARIA_CELLS_QUIET": "1"},
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{url}/api/v1/health", timeout=2).json().get("model_loaded"):
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not up after 120 s:\n{log.read_text()}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def _page(browser, url: str, viewport: dict | None = None):
+    context = browser.new_context(viewport=viewport or {"width": 1200, "height": 900})
+    page = context.new_page()
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(url)
+    return page, requests
+
+
+def _only_local(requests: list[str], url: str) -> None:
+    outside = [r for r in requests if not r.startswith((url, "data:", "blob:"))]
+    assert not outside, f"the page loaded something from elsewhere: {outside}"
+
+
+def test_upload_a_real_cell_and_read_the_result(server: str, browser, share: Path, tmp_path: Path) -> None:
+    cell = sorted((share / "Parasitized").glob("*.webp"))[0]
+    api = httpx.post(f"{server}/api/v1/predict", files={"files": (cell.name, cell.read_bytes())}, timeout=60).json()
+    expected = api["results"][0]
+    page, requests = _page(browser, server)
+    page.wait_for_function("document.getElementById('model').textContent.startsWith('Model:')")
+    assert "custom-cnn" in page.inner_text("#model")
+    page.set_input_files("#files", str(cell))
+    card = page.locator("[data-testid=result][data-state=done]")
+    card.wait_for(timeout=60_000)
+    assert card.get_attribute("data-label") == expected["label"]
+    assert float(card.get_attribute("data-probability")) == pytest.approx(expected["probability"], abs=1e-6)
+    assert card.locator("[data-testid=label]").inner_text() == expected["label"]
+    shown = card.locator("[data-testid=probability]").inner_text()
+    assert shown == f"P(Parasitized) = {expected['probability']:.3f}"
+    heat = card.locator("[data-testid=heatmap]")
+    heat.wait_for()
+    assert heat.evaluate("img => img.complete && img.naturalWidth > 0")
+    assert "1 classified" in page.inner_text("#status")
+    page.screenshot(path=str(tmp_path / "desktop.png"), full_page=True)
+    _only_local(requests, server)
+
+
+def test_bad_file_shows_its_error_and_good_ones_still_classify(
+    server: str, browser, share: Path, tmp_path: Path
+) -> None:
+    good = sorted((share / "Uninfected").glob("*.webp"))[0]
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    page, requests = _page(browser, server)
+    page.set_input_files("#files", [str(good), str(bad)])
+    page.locator("[data-testid=result][data-state=error]").wait_for(timeout=60_000)
+    page.locator("[data-testid=result][data-state=done]").wait_for(timeout=60_000)
+    assert "not an image" in page.locator("[data-testid=error]").inner_text()
+    assert "1 could not be read" in page.inner_text("#status")
+    _only_local(requests, server)
+
+
+def test_phone_width_layout_and_screenshot(server: str, browser, share: Path, tmp_path: Path) -> None:
+    cells = sorted((share / "Parasitized").glob("*.webp"))[:2] + sorted((share / "Uninfected").glob("*.webp"))[:1]
+    page, requests = _page(browser, server, viewport=PHONE)
+    page.set_input_files("#files", [str(c) for c in cells])
+    page.wait_for_function("document.querySelectorAll('[data-state=done]').length === 3", timeout=60_000)
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"page is {overflow}px wider than a phone screen"
+    box = page.locator("#drop").bounding_box()
+    assert box and box["width"] <= PHONE["width"] and box["x"] >= 0
+    shot = tmp_path / "phone.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    print(f"phone screenshot: {shot}")
+    _only_local(requests, server)
+
+
+def test_docs_page_renders_offline(server: str, browser) -> None:
+    page, requests = _page(browser, f"{server}/docs")
+    page.wait_for_function("document.querySelectorAll('[data-testid=route]').length >= 3")
+    text = page.inner_text("#api")
+    for route in ("POST /api/v1/predict", "GET /api/v1/health", "GET /api/v1/model"):
+        assert route in text
+    spec = json.loads(httpx.get(f"{server}/openapi.json").text)
+    assert spec["info"]["title"] == "malaria-cells"
+    _only_local(requests, server)
