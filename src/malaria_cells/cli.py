@@ -455,6 +455,29 @@ def serve_cmd(
         _fail(str(e))
 
 
+@app.command("model-card")
+def model_card_cmd(
+    run: Annotated[Path, typer.Argument(help="The run the shipped model was exported from.")],
+    onnx: Annotated[list[Path], typer.Option(help="Shipped ONNX file(s), fp32 first; repeat the option.")],
+    out: Annotated[Path, typer.Option(help="Where to write the card.")] = Path("models/MODEL_CARD.md"),
+    eval_json: Annotated[
+        Path | None, typer.Option(help="The run's test evaluation (default RUN/eval-test/metrics.json).")
+    ] = None,
+    command: Annotated[
+        list[str] | None, typer.Option(help="A command that made the model, shown in the card; repeatable.")
+    ] = None,
+) -> None:
+    """Render MODEL_CARD.md from a run's metadata, its test evaluation and its ONNX files (no hand-typed numbers)."""
+    from malaria_cells.card import write_model_card
+    from malaria_cells.progress import console
+
+    ev = eval_json or run / "eval-test" / "metrics.json"
+    if not ev.exists():
+        _fail(f"{ev} not found; run `malaria-cells evaluate {run}` first")
+    write_model_card(run_dir=run, eval_json=ev, onnx_paths=onnx, commands=command or [], out=out)
+    console.print(f"[green]wrote[/] {out}")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
