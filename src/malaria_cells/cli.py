@@ -56,7 +56,7 @@ def models_cmd() -> None:
 
     t = Table(title="models")
     for col in ("name", "input px", "default strategy", "strategies", "weights", "description"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=col == "name")  # names are what users copy; never break them
     for name, s in MODELS.items():
         t.add_row(name, str(s.input_size), s.strategy, ", ".join(s.strategies), s.weights, s.description)
     console.print(t)
