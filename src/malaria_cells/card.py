@@ -64,7 +64,8 @@ def render_model_card(*, run_dir: Path, eval_json: Path, onnx_paths: list[Path],
         f"- Decision threshold: **{meta['threshold']:.4f}** on P(Parasitized), chosen on the validation patients "
         f"({meta['threshold_method']}); stored in the model file.",
         f"- Trained {meta['epochs_run']} epochs (best: {meta['best_epoch']}; {meta['stopped']}), "
-        f"{meta['train_time_s'] / 60:.1f} min on this project's 2-core CPU machine ({meta['precision']}).",
+        f"{meta['train_time_s'] / 60:.1f} min wall time on this project's 2-core CPU machine ({meta['precision']}; "
+        "wall time includes any other load the machine carried during training).",
         "",
         "## Data",
         "",
