@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # Re-install when pyproject.toml changes.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: demo test lint bench system-deps clean
+.PHONY: demo test lint system-deps clean
 
 demo: $(STAMP)
 	$(BIN)/malaria-cells reproduce --quick
@@ -18,9 +18,6 @@ test: $(STAMP) system-deps lint
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
-
-bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -103,7 +103,7 @@ def test_upload_a_real_cell_and_read_the_result(server: str, browser, share: Pat
     api = httpx.post(f"{server}/api/v1/predict", files={"files": (cell.name, cell.read_bytes())}, timeout=60).json()
     expected = api["results"][0]
     page, requests = _page(browser, server)
-    page.wait_for_function("document.getElementById('model').textContent.startsWith('Model:')")
+    page.locator("#model", has_text="Model:").wait_for()
     assert "custom-cnn" in page.inner_text("#model")
     page.set_input_files("#files", str(cell))
     card = page.locator("[data-testid=result][data-state=done]")
@@ -140,7 +140,9 @@ def test_phone_width_layout_and_screenshot(server: str, browser, share: Path, tm
     cells = sorted((share / "Parasitized").glob("*.webp"))[:2] + sorted((share / "Uninfected").glob("*.webp"))[:1]
     page, requests = _page(browser, server, viewport=PHONE)
     page.set_input_files("#files", [str(c) for c in cells])
-    page.wait_for_function("document.querySelectorAll('[data-state=done]').length === 3", timeout=60_000)
+    # Locator waits, not wait_for_function: the page's CSP (script-src 'self') forbids the eval that polling uses.
+    page.locator("[data-testid=result][data-state=done]").nth(2).wait_for(timeout=60_000)
+    assert page.locator("[data-testid=result][data-state=done]").count() == 3
     overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, f"page is {overflow}px wider than a phone screen"
     box = page.locator("#drop").bounding_box()
@@ -154,7 +156,7 @@ def test_phone_width_layout_and_screenshot(server: str, browser, share: Path, tm
 
 def test_docs_page_renders_offline(server: str, browser) -> None:
     page, requests = _page(browser, f"{server}/docs")
-    page.wait_for_function("document.querySelectorAll('[data-testid=route]').length >= 3")
+    page.locator("[data-testid=route]").nth(2).wait_for()
     text = page.inner_text("#api")
     for route in ("POST /api/v1/predict", "GET /api/v1/health", "GET /api/v1/model"):
         assert route in text

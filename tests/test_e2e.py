@@ -49,56 +49,46 @@ def test_train_then_evaluate_on_test_patients(real_run, share):
     assert "Sensitivity" in report and "Per patient" in report
 
 
-def test_evaluate_all_on_a_folder_of_other_patients(real_run, share, tmp_path):
-    # A folder holding only test patients' cells (symlinks): "--split all" scores every image with the run's
-    # stored threshold, and finds no overlap with the training patients.
-    rows = [line.split(",") for line in (real_run / "split.csv").read_text().splitlines()[1:]]
-    for rel, _label, _patient, split, _kind in rows:
-        if split == "test":
-            dst = tmp_path / "other" / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.symlink_to((share / rel).resolve())
+def _split_rows(run: Path) -> list[list[str]]:
+    return [line.split(",") for line in (run / "split.csv").read_text().splitlines()[1:]]
+
+
+def _evaluate_subset(run: Path, share: Path, rows: list[list[str]], folder: Path, n_boot: int) -> dict:
+    """Symlink the given split.csv rows' images into a folder and evaluate it with "--split all"."""
+    for rel, *_ in rows:
+        dst = folder / "cells" / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to((share / rel).resolve())
     r = _cli(
         "evaluate",
-        str(real_run),
+        str(run),
         "--data",
-        str(tmp_path / "other"),
+        str(folder / "cells"),
         "--split",
         "all",
         "--n-boot",
-        "200",
+        str(n_boot),
         "--out",
-        str(tmp_path / "ev"),
+        str(folder / "ev"),
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    return json.loads((folder / "ev" / "metrics.json").read_text())
+
+
+def test_evaluate_all_on_a_folder_of_other_patients(real_run, share, tmp_path):
+    # Only test patients' cells: "--split all" scores every image with the run's stored threshold and finds no
+    # overlap with the patients the run trained or validated on.
+    test_rows = [r for r in _split_rows(real_run) if r[3] == "test"]
+    m = _evaluate_subset(real_run, share, test_rows, tmp_path, n_boot=200)
     meta = json.loads((real_run / "metadata.json").read_text())
     assert m["threshold"] == meta["threshold"] and m["overlapping_patients"] == []
-    assert m["n_cells"] == sum(1 for r in rows if r[3] == "test")
+    assert m["n_cells"] == len(test_rows)
 
 
 def test_evaluate_all_warns_when_patients_overlap(real_run, share, tmp_path):
-    # Three training patients' cells in a folder: "--split all" still scores them, but says they were seen.
-    rows = [line.split(",") for line in (real_run / "split.csv").read_text().splitlines()[1:]]
+    # Three training patients' cells: "--split all" still scores them, but says they were seen.
+    rows = _split_rows(real_run)
     seen = sorted({r[2] for r in rows if r[3] == "train"})[:3]
-    for rel, _label, patient, _split, _kind in rows:
-        if patient in seen:
-            dst = tmp_path / "mixed" / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.symlink_to((share / rel).resolve())
-    r = _cli(
-        "evaluate",
-        str(real_run),
-        "--data",
-        str(tmp_path / "mixed"),
-        "--split",
-        "all",
-        "--n-boot",
-        "50",
-        "--out",
-        str(tmp_path / "ev"),
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    m = _evaluate_subset(real_run, share, [r for r in rows if r[2] in seen], tmp_path, n_boot=50)
     assert m["overlapping_patients"] == seen
     assert "optimistic" in (tmp_path / "ev" / "report.md").read_text()

@@ -72,7 +72,7 @@ ROWS: tuple[Row, ...] = (
         "efficientnet-lite0",
         "finetune",
         init_from="efficientnet-lite0-frozen",
-        epochs=4,
+        epochs=3,
         quick_epochs=3,
     ),
 )
