@@ -1,8 +1,9 @@
-"""How many cached augmented views per training cell a frozen-backbone head needs: 1 vs 2 vs 4 (vs 8).
+"""How many cached augmented views per training cell a frozen-backbone head (and a fine-tune from it) needs.
 
 Same subset, split and seed for each count; the head trains on the cached features (a random view per cell and
-epoch) and is scored on the validation patients (the test split is untouched). Views are filled incrementally in
-one feature cache, so each count only extracts the views the previous one lacked.
+epoch) and is scored on the validation patients (the test split is untouched); with ``--finetune-epochs`` a
+fine-tuning run then starts from each head and trains on the cached activations of the same views. Views are
+filled incrementally in one feature cache, so each count only extracts the views the previous one lacked.
 
 Run: .venv/bin/python benchmarks/feature_views.py [--data DIR] [--views 1 2 4] [--max-images 2000]
 Writes benchmarks/results/feature_views.json and prints a table.
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--finetune-epochs", type=int, default=3, help="0: frozen heads only")
     ap.add_argument("--out", default="benchmarks/results/feature_views.json")
     args = ap.parse_args()
     data = resolve_data_dir(args.data)
@@ -68,6 +70,31 @@ def main() -> None:
                     "wall_s": time.perf_counter() - t0,
                 }
             )
+            if args.finetune_epochs:
+                ft = train(
+                    config=resolve_config(
+                        overrides=dict(
+                            model=args.model,
+                            strategy="finetune",
+                            init_from=str(run),
+                            epochs=args.finetune_epochs,
+                            feature_views=views,
+                            threads=args.threads,
+                            cache_dir=str(Path(tmp) / "cache"),
+                        )
+                    ),
+                    data_dir=data,
+                    run_dir=Path(tmp) / f"finetune{views}",
+                )
+                history = json.loads(f"[{','.join(_lines(ft))}]")
+                rows[-1]["finetune"] = {
+                    "val_roc_auc_per_epoch": [r["val_roc_auc"] for r in history],
+                    "val_loss_per_epoch": [r["val_loss"] for r in history],
+                    "train_loss_per_epoch": [r["train_loss"] for r in history],
+                    "val_accuracy": json.loads((ft / "metadata.json").read_text())["val_metrics_at_threshold"][
+                        "accuracy"
+                    ],
+                }
             Console().print(rows[-1])
     t = Table(title=f"{args.model} frozen head vs cached views (subset {args.max_images}, val patients)")
     for col in ("views", "val_accuracy", "val_roc_auc", "val_mcc", "val_loss_best", "extracted"):

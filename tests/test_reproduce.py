@@ -56,6 +56,7 @@ def test_results_with_an_unavailable_row_and_the_leakage_audit(tmp_path: Path, s
     # A second run reuses the finished runs: nothing trains again.
     again = R.reproduce(data_dir=share, out_dir=tmp_path, quick=True, rows=rows, n_boot=50, overrides=TINY)
     assert [r.get("train_time_s") for r in again["rows"]] == [r.get("train_time_s") for r in out["rows"]]
+    assert again["reused_runs"] == 3 and "reusing 3 finished run(s)" in (tmp_path / "results.md").read_text()
 
 
 def test_strict_fails_before_training_and_default_exits_zero(

@@ -155,6 +155,7 @@ def reproduce(
 
     results: list[dict] = []
     runs: dict[str, Path] = {}
+    reused = 0  # finished runs found in out_dir and not trained again
     for i, row in enumerate(rows, 1):
         console.rule(f"[bold]{i}/{len(rows)}  {row.name}")
         reason = missing.get(row.model)
@@ -166,7 +167,7 @@ def reproduce(
         config = row_config(row, quick=quick, seed=seed, runs=runs, weights=weights, overrides=overrides)
         run_dir = out_dir / row.key
         t0 = time.perf_counter()
-        _train_or_reuse(config, data_dir=data_dir, run_dir=run_dir, resume=resume)
+        reused += _train_or_reuse(config, data_dir=data_dir, run_dir=run_dir, resume=resume)
         runs[row.key] = run_dir
         results.append(_evaluate(row, run_dir, data_dir=data_dir, n_boot=n_boot, seed=seed, t0=t0))
     same = _same_test_cells([Path(r["run"]) for r in results if r["status"] == "ok"])
@@ -179,7 +180,7 @@ def reproduce(
         config = row_config(row, quick=quick, seed=seed, runs=runs, weights=weights, overrides=overrides, split=LEAKY)
         run_dir = out_dir / f"audit-{LEAKY}-{row.key}"
         t0 = time.perf_counter()
-        _train_or_reuse(config, data_dir=data_dir, run_dir=run_dir, resume=resume)
+        reused += _train_or_reuse(config, data_dir=data_dir, run_dir=run_dir, resume=resume)
         leaky = _evaluate(row, run_dir, data_dir=data_dir, n_boot=n_boot, seed=seed, t0=t0)
         honest = next(r for r in results if r["status"] == "ok" and r["run"] == str(runs[row.key]))
         audit_result = {
@@ -198,6 +199,7 @@ def reproduce(
         "same_test_cells": same,
         "date": dt.date.today().isoformat(),
         "wall_s": time.perf_counter() - t_all,
+        "reused_runs": reused,
         "rows": results,
         "unavailable": [r["name"] for r in results if r["status"] != "ok"],
         "leakage_audit": audit_result,
@@ -253,7 +255,8 @@ def row_config(
     return resolve_model_defaults(TrainConfig(**values))
 
 
-def _train_or_reuse(config: TrainConfig, *, data_dir: Path, run_dir: Path, resume: bool) -> None:
+def _train_or_reuse(config: TrainConfig, *, data_dir: Path, run_dir: Path, resume: bool) -> bool:
+    """Train the run, resume it, or reuse it when finished; True when reused."""
     if resume and (run_dir / "config.yaml").exists():
         if load_config(run_dir / "config.yaml") != config:
             raise ValueError(
@@ -261,10 +264,11 @@ def _train_or_reuse(config: TrainConfig, *, data_dir: Path, run_dir: Path, resum
             )
         if (run_dir / "metadata.json").exists():
             console.print(f"reusing finished run {run_dir}")
-            return
+            return True
         train(config=config, data_dir=data_dir, run_dir=run_dir, resume=True)
-        return
+        return False
     train(config=config, data_dir=data_dir, run_dir=run_dir)
+    return False
 
 
 def _unavailable(row: Row, reason: str) -> dict:
@@ -375,7 +379,12 @@ def render_results(out: dict) -> str:
         "# malaria-cells: model comparison on patient-disjoint test patients",
         "",
         f"- Mode: {mode}; date {out['date']}; data `{out['data']}`; seed {out['seed']}; wall time "
-        f"{out['wall_s'] / 60:.1f} min",
+        f"{out['wall_s'] / 60:.1f} min"
+        + (
+            f" (reusing {out['reused_runs']} finished run(s) of an earlier invocation)"
+            if out.get("reused_runs")
+            else ""
+        ),
         f"- Test set: {cells}, the same for every row: {'yes' if out['same_test_cells'] else '**NO**'}. "
         "Accuracy, sensitivity, specificity in %; 95 % CIs from a bootstrap over test **patients**; threshold "
         "chosen on validation patients.",
