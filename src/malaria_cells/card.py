@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from malaria_cells.evaluate import REPORT_METRICS
+from malaria_cells.evaluate import REPORT_METRICS, format_ci
 from malaria_cells.io import atomic_write_text
 
 
@@ -20,14 +20,6 @@ def _onnx_props(path: Path) -> dict:
         except json.JSONDecodeError:
             props[p.key] = p.value
     return props
-
-
-def _ci(d: dict, digits: int = 4) -> str:
-    if d.get("value") is None:
-        return "n/a"
-    if d.get("low") is None:
-        return f"{d['value']:.{digits}f}"
-    return f"{d['value']:.{digits}f} ({d['low']:.{digits}f}–{d['high']:.{digits}f})"
 
 
 def render_model_card(*, run_dir: Path, eval_json: Path, onnx_paths: list[Path], commands: list[str]) -> str:
@@ -96,7 +88,7 @@ def render_model_card(*, run_dir: Path, eval_json: Path, onnx_paths: list[Path],
         "| Metric | Value (95 % CI) |",
         "|---|---|",
     ]
-    lines += [f"| {label} | {_ci(ev['metrics'][key])} |" for key, label in REPORT_METRICS]
+    lines += [f"| {label} | {format_ci(ev['metrics'][key])} |" for key, label in REPORT_METRICS]
     cm = ev["confusion"]
     lines += [
         "",

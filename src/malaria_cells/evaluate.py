@@ -184,7 +184,8 @@ def _predictions_csv(images: list[CellImage], prob: np.ndarray, threshold: float
     return buf.getvalue()
 
 
-def _fmt(d: dict, digits: int = 4) -> str:
+def format_ci(d: dict, digits: int = 4) -> str:
+    """``value (low–high)`` of a bootstrap result; ``n/a`` when undefined, the value alone without bounds."""
     v, lo, hi = d.get("value"), d.get("low"), d.get("high")
     if v is None or v != v:
         return "n/a"
@@ -232,7 +233,7 @@ def render_report(result: dict, meta: dict, *, has_curves: bool) -> str:
         "| Metric | Value (95 % CI) |",
         "|---|---|",
     ]
-    lines += [f"| {label} | {_fmt(m[key])} |" for key, label in REPORT_METRICS]
+    lines += [f"| {label} | {format_ci(m[key])} |" for key, label in REPORT_METRICS]
     cm = result["confusion"]
     lines += [
         "",
@@ -277,7 +278,7 @@ def print_summary(result: dict) -> None:
     t.add_column("metric")
     t.add_column("value (95% CI, patient bootstrap)", justify="right")
     for key, label in REPORT_METRICS:
-        t.add_row(label, _fmt(result["metrics"][key]))
+        t.add_row(label, format_ci(result["metrics"][key]))
     console.print(t)
 
 

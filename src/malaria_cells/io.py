@@ -79,6 +79,18 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def jsonl_text(rows: list[dict]) -> str:
+    """Render records as JSON lines (NaN written as null), the format of ``metrics.jsonl``.
+
+    Args:
+        rows: the records.
+
+    Returns:
+        One JSON object per line, each line ending in a newline.
+    """
+    return "".join(json.dumps(_clean(r)) + "\n" for r in rows)
+
+
 def append_jsonl(path: Path, row: dict) -> None:
     """Append one JSON line and fsync, so a kill loses at most the line being written.
 
@@ -87,7 +99,7 @@ def append_jsonl(path: Path, row: dict) -> None:
         row: the record.
     """
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(_clean(row)) + "\n")
+        f.write(jsonl_text([row]))
         f.flush()
         os.fsync(f.fileno())
 

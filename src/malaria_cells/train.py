@@ -37,7 +37,7 @@ from malaria_cells.augment import (
 from malaria_cells.cache import build_or_load, cache_key, default_cache_dir
 from malaria_cells.config import TrainConfig, load_config, save_config
 from malaria_cells.data import CLASSES, POSITIVE, CellImage, Scan, scan
-from malaria_cells.io import atomic_write, atomic_write_json, atomic_write_text, read_jsonl
+from malaria_cells.io import atomic_write, atomic_write_json, atomic_write_text, jsonl_text, read_jsonl
 from malaria_cells.models import (
     autocast,
     build_model,
@@ -748,7 +748,7 @@ def train(*, config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = 
             }
             atomic_write(state_path, lambda tmp, st=state: torch.save(st, tmp))
             # metrics.jsonl is rewritten from the checkpointed history, so it never runs ahead of state.pt.
-            atomic_write_text(run_dir / "metrics.jsonl", "".join(_jsonl(r) for r in history))
+            atomic_write_text(run_dir / "metrics.jsonl", jsonl_text(history))
             status = f"loss {row['train_loss']:.4f}"
             if "val_roc_auc" in row:
                 status += f"  val AUC {row['val_roc_auc']:.4f}  acc {row['val_accuracy']:.4f}"
@@ -773,12 +773,6 @@ def train(*, config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = 
         weights_info=weights_info,
     )
     return run_dir
-
-
-def _jsonl(row: dict) -> str:
-    from malaria_cells.io import _clean
-
-    return json.dumps(_clean(row)) + "\n"
 
 
 def finalize(
