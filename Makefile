@@ -1,13 +1,22 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - create .venv, install, run the quick reproduction on the data it finds
 #   make test   - create .venv, install (plus Debian's chromium for the browser test), run lint and tests
+#   make bench  - create .venv, install, run every benchmark of the README's Benchmarks section and rewrite its tables
+#                 (make bench BENCH_ARGS=--quick: a short version of each)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Re-install when pyproject.toml changes.
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: demo test lint system-deps clean
+# Extra arguments for the benchmark scripts that take them (inference_matrix.py, scaling.py), e.g. --quick.
+BENCH_ARGS ?=
+QUICK := $(findstring --quick,$(BENCH_ARGS))
+# emfet_compare.py needs a by-patient split: the full custom-CNN run's when it is there, else the same one
+# (`data split`, seed 0, the defaults `train` uses) made on the spot.
+BENCH_SPLIT := $(or $(wildcard runs/custom-cnn-full/split.csv),benchmarks/results/split.csv)
+
+.PHONY: demo test lint bench benchmarks system-deps clean
 
 demo: $(STAMP)
 	$(BIN)/malaria-cells reproduce --quick
@@ -19,10 +28,25 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
+# One script after another, never in parallel: each measures the machine and needs it to itself.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/inference_matrix.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/scaling.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/train_speed.py --model custom-cnn $(if $(QUICK),--steps 4 --rounds 1,--steps 15 --rounds 3)
+	$(BIN)/python benchmarks/train_speed.py --model efficientnet-lite0 \
+		$(if $(QUICK),--batch 16 --steps 2 --rounds 1,--batch 32 --steps 4 --rounds 2)
+	$(if $(QUICK),,$(BIN)/python benchmarks/train_speed.py --model resnet50v2 --batch 16 --steps 2 --rounds 1)
+	test -f $(BENCH_SPLIT) || $(BIN)/malaria-cells data split --seed 0 --out $(BENCH_SPLIT)
+	$(BIN)/python benchmarks/emfet_compare.py --split $(BENCH_SPLIT) \
+		$(if $(QUICK),--max-images 2000 --speed-files 200 --repeat 2)
+	$(BIN)/python benchmarks/report.py
+
+benchmarks: bench
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

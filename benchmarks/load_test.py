@@ -18,7 +18,7 @@ Bounded: at most ``--requests`` (+ warm-up) requests and ``--max-seconds`` of lo
 time limit no new request is sent, the ones in flight finish, and the report says the run stopped early.
 
 Run: .venv/bin/python benchmarks/load_test.py [--model MODEL.onnx|RUN_DIR] [--requests 5000] [--concurrency 16]
-     [--max-seconds 300] [--warmup 100] [--threads N] [--data ../shared/nih-cell-images] [--out PATH]
+     [--max-seconds 300] [--warmup 100] [--threads N] [--workers N] [--data ../shared/nih-cell-images] [--out PATH]
 Writes benchmarks/results/load_test.json. Exit code 0 with no errors, 1 with any, 2 when the server cannot start
 or an option is unusable, 130 when interrupted.
 """
@@ -171,13 +171,17 @@ class Server:
     log_path: Path
 
     @classmethod
-    def start(cls, *, model: str | None, threads: int | None, log_path: Path, timeout_s: float) -> Server:
+    def start(
+        cls, *, model: str | None, threads: int | None, workers: int | None, log_path: Path, timeout_s: float
+    ) -> Server:
         port = free_port()
         cmd = [sys.executable, "-m", "malaria_cells.cli", "serve", "--host", HOST, "--port", str(port)]
         if model:
             cmd += ["--model", model]
         if threads:
             cmd += ["--threads", str(threads)]
+        if workers:
+            cmd += ["--workers", str(workers)]
         console.print(f"[dim]starting: {' '.join(cmd)}[/]")
         # Log to a file, not a pipe: uvicorn writes a line per request and a full, unread pipe would stall it.
         log = log_path.open("wb")
@@ -478,6 +482,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-seconds", type=float, default=300.0, help="no new request after this long (warm-up too)")
     ap.add_argument("--warmup", type=int, default=100, help="untimed requests before the run")
     ap.add_argument("--threads", type=int, default=None, help="server inference threads (if serve has --threads)")
+    ap.add_argument("--workers", type=int, default=None, help="requests the server classifies at once (serve default)")
     ap.add_argument(
         "--data", default=str(ROOT.parent / "shared" / "nih-cell-images"), help="dataset root, one folder per class"
     )
@@ -527,6 +532,7 @@ def main() -> int:
                 server = Server.start(
                     model=args.model,
                     threads=args.threads,
+                    workers=args.workers,
                     log_path=Path(tmp) / "server.log",
                     timeout_s=args.startup_timeout,
                 )
@@ -550,13 +556,15 @@ def main() -> int:
         "server_url": server.base_url,
         "server_command": "python -m malaria_cells.cli serve --host 127.0.0.1 --port <free port>"
         + (f" --model {args.model}" if args.model else "")
-        + (f" --threads {args.threads}" if args.threads else ""),
+        + (f" --threads {args.threads}" if args.threads else "")
+        + (f" --workers {args.workers}" if args.workers else ""),
         "parameters": {
             "requests": args.requests,
             "concurrency": args.concurrency,
             "warmup": args.warmup,
             "max_seconds": args.max_seconds,
             "threads": args.threads,
+            "workers": args.workers,
             "files": len(images),
             "data": str(data),
             "timeout_s": args.timeout,

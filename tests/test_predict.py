@@ -219,6 +219,69 @@ def test_cli_predict_usage_errors(base: Path, folder: Path, tmp_path: Path) -> N
     assert res.exit_code == 2 and "--format" in res.output
 
 
+@pytest.mark.parametrize(
+    ("n", "count", "expected"),
+    [
+        (10, 1, [(0, 10)]),
+        (10, 3, [(0, 3), (3, 6), (6, 10)]),  # sizes differ by at most one
+        (2, 3, [(0, 0), (0, 1), (1, 2)]),  # more shards than items: some are empty
+        (0, 2, [(0, 0), (0, 0)]),
+    ],
+)
+def test_shard_bounds_cover_every_item_once(n: int, count: int, expected: list[tuple[int, int]]) -> None:
+    assert [P.shard_bounds(n, index=i, count=count) for i in range(count)] == expected
+
+
+@pytest.mark.parametrize(("index", "count"), [(-1, 2), (2, 2), (0, 0)])
+def test_shard_bounds_reject_bad_shards(index: int, count: int) -> None:
+    with pytest.raises(ValueError):
+        P.shard_bounds(5, index=index, count=count)
+
+
+def test_iter_predict_streams_one_batch_at_a_time(onnx_clf: Classifier, folder: Path) -> None:
+    consumed = 0
+
+    def files():
+        nonlocal consumed
+        for _ in range(100):  # 500 images in all, far more than one batch
+            for name in ("a.png", "b.png", "corrupt.png", "notes.png", "sub/c.png"):
+                consumed += 1
+                yield folder / name
+
+    stream = onnx_clf.iter_predict(files(), batch_size=4)
+    first = next(stream)
+    assert first.ok and consumed == 4  # the first result comes after one batch, not after reading everything
+    rest = list(stream)
+    assert consumed == 500 and len(rest) == 499
+    assert [p.ok for p in rest[:9]] == [True, False, False, True, True, True, False, False, True]
+    assert rest[-1].probability == pytest.approx(onnx_clf.predict(folder / "sub" / "c.png")[0].probability)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_cli_predict_shards_concatenate_to_the_whole(base: Path, folder: Path, tmp_path: Path, fmt: str) -> None:
+    model = str(tiny_onnx(base))
+    whole = tmp_path / f"whole.{fmt}"
+    res = _invoke(["predict", str(folder), "--model", model, "--format", fmt, "--out", str(whole)])
+    assert res.exit_code == 1  # the corrupt files
+    parts = []
+    for i in (1, 2, 3):
+        out = tmp_path / f"part{i}.{fmt}"
+        args = ["predict", str(folder), "--model", model, "--format", fmt, "--out", str(out), "--shard", f"{i}/3"]
+        res = _invoke(args + (["--no-header"] if fmt == "csv" and i > 1 else []))
+        assert res.exit_code in (0, 1) and f"shard {i}/3" in res.output
+        parts.append(out.read_text())
+    assert "".join(parts) == whole.read_text()
+    assert len(whole.read_text().splitlines()) == 5 + (fmt == "csv")
+    if fmt == "jsonl":
+        assert [json.loads(line)["source"] for line in whole.read_text().splitlines()] == P.collect_inputs([folder])
+
+
+def test_cli_predict_bad_shard(base: Path, folder: Path) -> None:
+    for shard in ("0/3", "4/3", "x", "1/0"):
+        res = _invoke(["predict", str(folder), "--model", str(tiny_onnx(base)), "--shard", shard])
+        assert res.exit_code == 2 and "--shard" in res.output, shard
+
+
 def test_grad_cam_heatmap_is_not_constant(torch_clf: Classifier, folder: Path) -> None:
     from malaria_cells.explain import explain, overlay_png
 

@@ -26,7 +26,13 @@ def _no_resnet_weights(tmp_path_factory: pytest.TempPathFactory, monkeypatch: py
 
 def test_results_with_an_unavailable_row_and_the_leakage_audit(tmp_path: Path, share: Path) -> None:
     rows = tuple(r for r in R.ROWS if r.key in ROW_KEYS)
-    out = R.reproduce(data_dir=share, out_dir=tmp_path, quick=True, rows=rows, n_boot=50, overrides=TINY)
+    combos = (
+        R.Combo("CNN + TTA", ("custom-cnn-scratch",), tta=True),
+        R.Combo("CNN + Lite0", ("custom-cnn-scratch", "efficientnet-lite0-frozen")),
+        R.Combo("needs a row that did not run", ("resnet50v2-frozen",)),
+    )
+    kw = dict(data_dir=share, out_dir=tmp_path, quick=True, rows=rows, n_boot=50, overrides=TINY, combos=combos)
+    out = R.reproduce(**kw)
     assert out["unavailable"] == ["ResNet50V2, frozen base", "ResNet50V2, fine-tuned"]
     assert out["same_test_cells"] is True
     by_name = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
@@ -42,6 +48,14 @@ def test_results_with_an_unavailable_row_and_the_leakage_audit(tmp_path: Path, s
     assert lite0["n_test_patients"] == cnn["n_test_patients"] and lite0["n_test_cells"] == cnn["n_test_cells"]
     assert not (tmp_path / "resnet50v2-frozen").exists()  # nothing trained from random weights in its place
 
+    # Combinations: scored on the same test cells, threshold from val, absent when a part did not run.
+    assert "needs a row that did not run" not in by_name
+    for name in ("CNN + TTA", "CNN + Lite0"):
+        c = by_name[name]
+        assert c["kind"] == "combination" and c["n_test_cells"] == cnn["n_test_cells"]
+        assert c["metrics"]["accuracy"]["low"] <= c["metrics"]["accuracy"]["value"] <= c["metrics"]["accuracy"]["high"]
+    assert by_name["CNN + Lite0"]["parameters"] == cnn["parameters"] + lite0["parameters"]
+
     audit = out["leakage_audit"]
     assert audit["row"] == "EfficientNet-Lite0, frozen base" and audit["leaky"]["split_kind"] == "image-leaky"
     expected = 100 * (audit["leaky"]["metrics"]["accuracy"]["value"] - lite0["metrics"]["accuracy"]["value"])
@@ -54,9 +68,13 @@ def test_results_with_an_unavailable_row_and_the_leakage_audit(tmp_path: Path, s
     assert (tmp_path / "comparison.png").stat().st_size > 0
 
     # A second run reuses the finished runs: nothing trains again.
-    again = R.reproduce(data_dir=share, out_dir=tmp_path, quick=True, rows=rows, n_boot=50, overrides=TINY)
+    again = R.reproduce(**kw)
     assert [r.get("train_time_s") for r in again["rows"]] == [r.get("train_time_s") for r in out["rows"]]
+    assert [r["metrics"] for r in again["rows"] if r["status"] == "ok"] == [
+        r["metrics"] for r in out["rows"] if r["status"] == "ok"
+    ]
     assert again["reused_runs"] == 3 and "reusing 3 finished run(s)" in (tmp_path / "results.md").read_text()
+    assert again["full_run_wall_s"] == pytest.approx(out["wall_s"])
 
 
 def test_strict_fails_before_training_and_default_exits_zero(

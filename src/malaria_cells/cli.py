@@ -332,44 +332,89 @@ ModelOpt = Annotated[
 def predict_cmd(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) and globs ('cells/**/*.png').")],
     model: ModelOpt = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table | csv | json")] = "table",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | csv | jsonl | json")] = "table",
     out: Annotated[Path | None, typer.Option(help="Write the results here instead of standard output.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 64,
     threads: Annotated[int | None, typer.Option(help="Inference threads (default: all cores).")] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="i/n: classify only the i-th of n contiguous parts of the inputs (1 <= i <= n), e.g. one per "
+            "process or machine; the parts' csv/jsonl outputs concatenate, in order, to the unsharded output."
+        ),
+    ] = None,
+    header: Annotated[
+        bool, typer.Option(help="Write the CSV header line (--no-header for shards after the first).")
+    ] = True,
 ) -> None:
     """Classify cell images; a file that cannot be read gets a row with its error and the rest go on.
 
-    Exit code 0 when every image was classified, 1 when any failed, 2 on a usage or model error.
+    csv, jsonl and json are written as the images are classified (constant memory, any number of images);
+    a table is laid out at the end. Exit code 0 when every image was classified, 1 when any failed, 2 on a
+    usage or model error.
     """
+    import itertools
     import shutil
 
-    from malaria_cells.io import atomic_write_text
-    from malaria_cells.predict import FORMATS, Classifier, ModelError, collect_inputs, format_predictions
+    from malaria_cells.io import atomic_write
+    from malaria_cells.predict import FORMATS, Classifier, ModelError, iter_inputs, render_predictions, shard_bounds
     from malaria_cells.progress import console, make_progress
 
     if fmt not in FORMATS:
         _fail(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
-    files = collect_inputs(paths)
-    if not files:
+    index, count = 0, 1
+    if shard is not None:
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+            index, count = i - 1, n
+            shard_bounds(0, index=index, count=count)
+        except ValueError:
+            _fail(f"--shard takes i/n with 1 <= i <= n (e.g. 2/4), not {shard!r}")
+    # Walk the inputs twice (names only, cheap) rather than hold the list: the first pass counts for the shard
+    # bounds and the progress bar, the second streams the files to the model.
+    n_files = sum(1 for _ in iter_inputs(paths))
+    start, stop = shard_bounds(n_files, index=index, count=count)
+    if n_files == 0:
         _fail("no input files")
     try:
         clf = Classifier.load(model, threads=threads)
     except ModelError as e:
         _fail(str(e))
-    if len(files) > batch_size:  # a bar only where it is worth watching
-        with make_progress() as progress:
-            task = progress.add_task(f"classifying {len(files):,} images", total=len(files))
-            preds = clf.predict(files, batch_size=batch_size, progress=lambda n: progress.advance(task, n))
-    else:
-        preds = clf.predict(files, batch_size=batch_size)
+    failed = total = 0
+
+    def counted(preds):
+        nonlocal failed, total
+        for p in preds:
+            total += 1
+            failed += not p.ok
+            yield p
+
     width = shutil.get_terminal_size((160, 24)).columns if out is None and sys.stdout.isatty() else 160
-    text = format_predictions(preds, fmt=fmt, card=clf.card, width=width)
+
+    def write(fh) -> None:
+        files = itertools.islice(iter_inputs(paths), start, stop)
+        if stop - start > batch_size:  # a bar only where it is worth watching
+            with make_progress() as progress:
+                task = progress.add_task(f"classifying {stop - start:,} images", total=stop - start)
+                preds = clf.iter_predict(files, batch_size=batch_size, progress=lambda k: progress.advance(task, k))
+                for piece in render_predictions(counted(preds), fmt=fmt, card=clf.card, width=width, header=header):
+                    fh.write(piece)
+        else:
+            preds = clf.iter_predict(files, batch_size=batch_size)
+            for piece in render_predictions(counted(preds), fmt=fmt, card=clf.card, width=width, header=header):
+                fh.write(piece)
+
     if out is not None:
-        atomic_write_text(out, text)
+
+        def to_file(tmp: Path) -> None:
+            with open(tmp, "w", encoding="utf-8", newline="") as fh:
+                write(fh)
+
+        atomic_write(out, to_file)  # a killed run leaves no half-written results file
     else:
-        sys.stdout.write(text)
-    failed = sum(not p.ok for p in preds)
-    summary = f"{len(preds) - failed} classified, {failed} failed"
+        write(sys.stdout)
+    part = f" (shard {index + 1}/{count}: inputs {start + 1}-{stop} of {n_files:,})" if shard else ""
+    summary = f"{total - failed} classified, {failed} failed{part}"
     console.print(f"[{'yellow' if failed else 'green'}]{summary}[/]" + (f" -> {out}" if out else ""))
     raise typer.Exit(1 if failed else 0)
 
@@ -444,13 +489,25 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted image file, in MB.")] = 10.0,
     max_files: Annotated[int, typer.Option(help="Most files in one request.")] = 32,
+    workers: Annotated[int, typer.Option(min=1, help="Requests classified at once; others wait their turn.")] = 2,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Model threads per request (default: cores // workers).")
+    ] = None,
 ) -> None:
     """Serve the web page (drop cell images, see labels and heatmaps) and the JSON API (/docs)."""
     from malaria_cells.predict import ModelError
     from malaria_cells.serve import serve
 
     try:
-        serve(model=model, host=host, port=port, max_upload_mb=max_upload_mb, max_files=max_files)
+        serve(
+            model=model,
+            host=host,
+            port=port,
+            max_upload_mb=max_upload_mb,
+            max_files=max_files,
+            threads=threads,
+            workers=workers,
+        )
     except ModelError as e:
         _fail(str(e))
 

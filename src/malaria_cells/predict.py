@@ -17,7 +17,8 @@ import glob
 import io
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,9 +218,13 @@ class Classifier:
     ``class_names``, ``positive_class``, ``backend`` ("onnx" or "torch"), ``source``.
     """
 
-    def __init__(self, backend: _OnnxBackend | _TorchBackend, *, source: str) -> None:
+    def __init__(self, backend: _OnnxBackend | _TorchBackend, *, source: str, threads: int | None = None) -> None:
         meta = backend.meta
         self._backend = backend
+        # Decoding threads: PIL releases the GIL while it decodes and resizes, so a batch of files decodes on
+        # every core (end to end, decoding costs about as much as the model).
+        n = threads or os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(n, thread_name_prefix="decode") if n > 1 else None  # threads start on use
         self.backend: str = backend.name
         self.source = source
         self.prep = Preprocessing.from_dict(meta["preprocessing"])
@@ -249,8 +254,8 @@ class Classifier:
         if path.is_dir():
             if not (path / "metadata.json").exists():
                 raise ModelError(f"{path}: a folder but not a finished run (no metadata.json)")
-            return cls(_TorchBackend(path, threads=threads), source=str(path))
-        return cls(_OnnxBackend(path, threads=threads), source=str(path))
+            return cls(_TorchBackend(path, threads=threads), source=str(path), threads=threads)
+        return cls(_OnnxBackend(path, threads=threads), source=str(path), threads=threads)
 
     @property
     def explainable(self) -> bool:
@@ -325,26 +330,81 @@ class Classifier:
             items = list(images)
         if names is not None and len(names) != len(items):
             raise ValueError(f"{len(names)} names for {len(items)} images")
-        out: list[Prediction | None] = [None] * len(items)
+        return list(self.iter_predict(items, names=names, batch_size=batch_size, progress=progress))
+
+    def iter_predict(
+        self,
+        images: Iterable[ImageInput],
+        *,
+        names: Iterable[str] | None = None,
+        batch_size: int = 64,
+        progress: Callable[[int], None] | None = None,
+    ) -> Iterator[Prediction]:
+        """Classify a stream of images, yielding results in order while holding one batch in memory.
+
+        This is what makes ``predict`` on a folder of millions of cells run in constant memory: paths are read
+        lazily from ``images`` and each result is yielded as soon as its batch is done.
+
+        Args:
+            images: an iterable of images (paths, encoded bytes, PIL images, uint8 arrays); consumed lazily.
+            names: what to call each image (default: the path, or ``<image N>``); consumed alongside ``images``.
+            batch_size: images per model call (>= 1).
+            progress: called with the number of images finished after each batch.
+
+        Yields:
+            One prediction per image, in input order.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
         size = self.prep.input_size
-        for start in range(0, len(items), batch_size):
-            stop = min(len(items), start + batch_size)
-            batch = np.zeros((stop - start, size, size, 3), dtype=np.uint8)
-            good: list[int] = []
-            for i in range(start, stop):
-                name = names[i] if names is not None else _default_name(items[i], i)
-                try:
-                    batch[len(good)] = self.prepare(items[i], name=name)
-                    good.append(i)
-                except ImageError as e:
-                    out[i] = Prediction(name, None, None, self.threshold, error=str(e))
-            probs = self.predict_prepared(batch[: len(good)])
-            for i, p in zip(good, probs, strict=True):
-                name = names[i] if names is not None else _default_name(items[i], i)
-                out[i] = Prediction(name, self.label_of(float(p)), float(p), self.threshold)
-            if progress:
-                progress(stop - start)
-        return [p for p in out if p is not None]
+        batch = np.zeros((batch_size, size, size, 3), dtype=np.uint8)
+        name_iter = iter(names) if names is not None else None
+        chunk: list[tuple[str, ImageInput]] = []
+        for i, image in enumerate(images):
+            chunk.append((next(name_iter) if name_iter is not None else _default_name(image, i), image))
+            if len(chunk) == batch_size:
+                yield from self._run_chunk(chunk, batch, progress)
+                chunk = []
+        if chunk:
+            yield from self._run_chunk(chunk, batch, progress)
+
+    def _prepare_or_error(self, item: tuple[str, ImageInput]) -> np.ndarray | str:
+        name, image = item
+        try:
+            return self.prepare(image, name=name)
+        except ImageError as e:
+            return str(e)
+
+    def _run_chunk(
+        self, chunk: list[tuple[str, ImageInput]], batch: np.ndarray, progress: Callable[[int], None] | None
+    ) -> Iterator[Prediction]:
+        if self._pool is not None and len(chunk) > 1:
+            decoded = list(self._pool.map(self._prepare_or_error, chunk))
+        else:
+            decoded = [self._prepare_or_error(item) for item in chunk]
+        pending: list[tuple[str, str | None]] = []  # (name, error or None) per image of the chunk
+        n_good = 0
+        for (name, _), d in zip(chunk, decoded, strict=True):
+            if isinstance(d, str):
+                pending.append((name, d))
+            else:
+                batch[n_good] = d
+                n_good += 1
+                pending.append((name, None))
+        yield from self._flush(batch[:n_good], pending, progress)
+
+    def _flush(
+        self, good: np.ndarray, pending: list[tuple[str, str | None]], progress: Callable[[int], None] | None
+    ) -> Iterator[Prediction]:
+        probs = iter(self.predict_prepared(good))
+        for name, err in pending:
+            if err is not None:
+                yield Prediction(name, None, None, self.threshold, error=err)
+            else:
+                p = float(next(probs))
+                yield Prediction(name, self.label_of(p), p, self.threshold)
+        if progress:
+            progress(len(pending))
 
 
 def _default_name(image: ImageInput, i: int) -> str:
@@ -393,75 +453,159 @@ def to_image(image: ImageInput, *, name: str = "<image>", max_pixels: int = MAX_
     return to_rgb(img)
 
 
-def collect_inputs(paths: Iterable[str | Path]) -> list[str]:
-    """Expand files, folders (recursively, image files only) and glob patterns into a list of files.
+def iter_inputs(paths: Sequence[str | Path]) -> Iterator[str]:
+    """Expand files, folders (recursively, image files only) and glob patterns into file paths, lazily.
 
-    A path that neither exists nor matches a glob is kept, so it gets a row with its error.
+    Folders are walked in sorted order one directory at a time, so a folder of millions of images streams in
+    constant memory. A path that neither exists nor matches a glob is kept, so it gets a row with its error.
+
+    Args:
+        paths: what the user passed.
+
+    Yields:
+        File paths in a deterministic order (each folder's entries sorted by name); when several paths are
+        given, a file named twice is yielded once (first occurrence).
+    """
+    seen: set[str] | None = set() if len(paths) > 1 else None  # only several arguments can overlap
+    for p in paths:
+        s = str(p)
+        path = Path(s)
+        if path.is_dir():
+            found: Iterable[str] = _walk_images(str(path))
+        elif path.exists():
+            found = [s]
+        elif glob.has_magic(s):
+            matches = sorted(glob.glob(s, recursive=True))
+            found = [m for m in matches if Path(m).is_file()] or [s]
+        else:
+            found = [s]
+        for f in found:
+            if seen is not None:
+                if f in seen:
+                    continue
+                seen.add(f)
+            yield f
+
+
+def _walk_images(folder: str) -> Iterator[str]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return  # unreadable folder: nothing to classify there
+    for entry in entries:
+        if entry.is_dir():
+            yield from _walk_images(entry.path)
+        elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+            yield entry.path
+
+
+def collect_inputs(paths: Sequence[str | Path]) -> list[str]:
+    """Expand files, folders (recursively, image files only) and glob patterns into a list of files.
 
     Args:
         paths: what the user passed.
 
     Returns:
-        File paths, folders' contents sorted, duplicates removed (first occurrence kept).
+        The files of :func:`iter_inputs`, as a list.
     """
-    out: list[str] = []
-    for p in paths:
-        s = str(p)
-        path = Path(s)
-        if path.is_dir():
-            found = [str(f) for f in sorted(path.rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
-            out += found
-        elif path.exists():
-            out.append(s)
-        elif glob.has_magic(s):
-            matches = sorted(glob.glob(s, recursive=True))
-            out += [m for m in matches if Path(m).is_file()] or [s]
-        else:
-            out.append(s)
-    return list(dict.fromkeys(out))
+    return list(iter_inputs(paths))
 
 
-FORMATS = ("table", "csv", "json")
+def shard_bounds(n: int, *, index: int, count: int) -> tuple[int, int]:
+    """The contiguous slice ``[start, stop)`` of ``n`` items that shard ``index`` of ``count`` takes.
+
+    Contiguous (not round-robin) so that the shards' outputs, concatenated in shard order, are exactly the
+    unsharded output; sizes differ by at most one.
+
+    Args:
+        n: number of items.
+        index: shard number, 0-based (``--shard 1/4`` is index 0).
+        count: number of shards (>= 1).
+
+    Returns:
+        ``(start, stop)``.
+    """
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {index + 1}/{count}: need 1 <= i <= n")
+    return n * index // count, n * (index + 1) // count
+
+
+FORMATS = ("table", "csv", "jsonl", "json")
+STREAMING_FORMATS = ("csv", "jsonl", "json")  # written row by row; "table" needs every row to lay out its columns
+CSV_HEADER = ("source", "label", "prob_parasitized", "threshold", "error")
 
 
 def format_predictions(
     predictions: Sequence[Prediction], *, fmt: str, card: dict | None = None, width: int = 160
 ) -> str:
-    """Render predictions as a text table, CSV or JSON.
+    """Render predictions as a text table, CSV, JSON lines or JSON.
 
     Args:
         predictions: the results.
-        fmt: "table", "csv" or "json".
+        fmt: "table", "csv", "jsonl" or "json".
         card: the model card, included in the JSON output.
         width: table width in characters.
 
     Returns:
         The text (ends with a newline).
     """
+    return "".join(render_predictions(predictions, fmt=fmt, card=card, width=width))
+
+
+def render_predictions(
+    predictions: Iterable[Prediction], *, fmt: str, card: dict | None = None, width: int = 160, header: bool = True
+) -> Iterator[str]:
+    """Render predictions piece by piece, so a stream of millions is written without holding it.
+
+    "csv" and "jsonl" yield one line per prediction (shards of one input concatenate: ``jsonl`` with ``cat``,
+    ``csv`` with the header of the first); "json" streams one document ``{"model": card, "predictions": [...]}``;
+    "table" collects every row first.
+
+    Args:
+        predictions: the results, consumed lazily.
+        fmt: one of :data:`FORMATS`.
+        card: the model card (JSON only).
+        width: table width in characters.
+        header: the CSV header line.
+
+    Yields:
+        Pieces of text; together they end with a newline.
+    """
     if fmt == "json":
-        doc = {"model": card or {}, "predictions": [p.to_dict() for p in predictions]}
-        return json.dumps(doc, indent=2) + "\n"
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["source", "label", "prob_parasitized", "threshold", "error"])
+        yield '{"model": ' + json.dumps(card or {}, indent=2) + ', "predictions": ['
+        sep = "\n"
         for p in predictions:
+            yield sep + json.dumps(p.to_dict())
+            sep = ",\n"
+        yield "\n]}\n"
+    elif fmt == "jsonl":
+        for p in predictions:
+            yield json.dumps(p.to_dict()) + "\n"
+    elif fmt == "csv":
+        if header:
+            yield ",".join(CSV_HEADER) + "\n"
+        for p in predictions:
+            buf = io.StringIO()
             prob = "" if p.probability is None else f"{p.probability:.6f}"
-            w.writerow([p.source, p.label or "", prob, f"{p.threshold:.6f}", p.error or ""])
-        return buf.getvalue()
-    if fmt == "table":
+            csv.writer(buf, lineterminator="\n").writerow(
+                [p.source, p.label or "", prob, f"{p.threshold:.6f}", p.error or ""]
+            )
+            yield buf.getvalue()
+    elif fmt == "table":
         from rich.console import Console
         from rich.table import Table
 
-        threshold = f"; Parasitized when P >= {predictions[0].threshold:.4f}" if predictions else ""
-        t = Table(title=f"{len(predictions)} image(s){threshold}", title_justify="left")
+        rows = list(predictions)
+        threshold = f"; Parasitized when P >= {rows[0].threshold:.4f}" if rows else ""
+        t = Table(title=f"{len(rows)} image(s){threshold}", title_justify="left")
         for col, just in (("source", "left"), ("label", "left"), ("P(Parasitized)", "right"), ("error", "left")):
             t.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
-        for p in predictions:
+        for p in rows:
             prob = "" if p.probability is None else f"{p.probability:.4f}"
             reason = (p.error or "").removeprefix(f"{p.source}: ")  # the source is in its own column
             t.add_row(p.source, p.label or "error", prob, reason)
         buf = io.StringIO()
         Console(file=buf, width=width, color_system=None).print(t)
-        return buf.getvalue()
-    raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+        yield buf.getvalue()
+    else:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")

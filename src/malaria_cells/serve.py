@@ -13,8 +13,10 @@ classified, otherwise the 4xx of the first file that failed, so a client can che
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
+import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,6 +37,8 @@ STATIC = Path(__file__).resolve().parent / "static"
 API = "/api/v1"
 DEFAULT_MAX_UPLOAD_MB = 10.0
 DEFAULT_MAX_FILES = 32  # with 10 MB files, at most 320 MB of uploads held at once
+# Requests classified at once. Measured with benchmarks/load_test.py (README): see the serve section.
+DEFAULT_WORKERS = 2
 # Pages may load only what this server serves; data: and blob: for the heatmaps and the local previews.
 CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; "
@@ -127,23 +131,35 @@ def create_app(
     classifier: Classifier | None = None,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     max_files: int = DEFAULT_MAX_FILES,
+    threads: int | None = None,
+    workers: int = DEFAULT_WORKERS,
 ) -> FastAPI:
     """Build the app; the model is loaded once, at start-up (lifespan), unless a classifier is given.
+
+    Requests are decoded and classified in at most ``workers`` threads at a time, each model call using
+    ``threads`` cores: with 16 clients and no cap every request's model call would ask for every core at once,
+    and the server would grow a thread (and its runtime arenas) per concurrent request.
 
     Args:
         model: an ``.onnx`` file or a run folder (``None``: ``$MALARIA_CELLS_MODEL`` or the shipped default).
         classifier: an already loaded classifier (tests); wins over ``model``.
         max_upload_mb: largest accepted file, in MB (10**6 bytes).
         max_files: most files in one request.
+        threads: intra-op threads of the model (default: cores // workers, at least 1).
+        workers: requests classified at once (>= 1); the others wait their turn.
 
     Returns:
         The FastAPI application.
     """
     max_upload = int(max_upload_mb * 1_000_000)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, not {workers}")
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.classifier = classifier or await run_in_threadpool(Classifier.load, model)
+        app.state.classifier = classifier or await run_in_threadpool(Classifier.load, model, threads=threads)
+        app.state.model_slots = asyncio.Semaphore(workers)  # created here: it belongs to the server's event loop
         clf: Classifier = app.state.classifier
         log.info("model %s (%s) loaded from %s", clf.card.get("model"), clf.backend, clf.source)
         yield
@@ -254,13 +270,15 @@ def create_app(
             else:
                 contents.append(data)
         todo = [i for i, c in enumerate(contents) if c is not None]
-        preds = await run_in_threadpool(clf.predict, [contents[i] for i in todo], names=[names[i] for i in todo])
+        async with request.app.state.model_slots:
+            preds = await run_in_threadpool(clf.predict, [contents[i] for i in todo], names=[names[i] for i in todo])
         results: list[dict] = [early.get(i, {}) for i in range(len(files))]
         for i, p in zip(todo, preds, strict=True):
             if p.ok:
                 results[i] = _success(p)
                 if heatmap and clf.explainable:
-                    results[i]["heatmap"] = await run_in_threadpool(_heatmap, clf, contents[i], names[i])
+                    async with request.app.state.model_slots:
+                        results[i]["heatmap"] = await run_in_threadpool(_heatmap, clf, contents[i], names[i])
             else:
                 status, code = error_code(p.error or "")
                 results[i] = _failure(p.source, status, code, p.error or "unusable image")
@@ -320,6 +338,8 @@ def serve(
     port: int = 8000,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     max_files: int = DEFAULT_MAX_FILES,
+    threads: int | None = None,
+    workers: int = DEFAULT_WORKERS,
 ) -> None:
     """Load the model and serve until interrupted.
 
@@ -329,10 +349,12 @@ def serve(
         port: TCP port.
         max_upload_mb: largest accepted file in MB.
         max_files: most files per request.
+        threads: intra-op threads of the model (default: cores // workers).
+        workers: requests classified at once.
     """
     import uvicorn
 
     resolve_model(model)  # a missing model is a clear error here, not a traceback from the start-up hook
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    app = create_app(model=model, max_upload_mb=max_upload_mb, max_files=max_files)
+    app = create_app(model=model, max_upload_mb=max_upload_mb, max_files=max_files, threads=threads, workers=workers)
     uvicorn.run(app, host=host, port=port, log_level="info")

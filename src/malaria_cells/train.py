@@ -9,6 +9,15 @@ validation is scored): ``scratch`` trains every layer from random initialisation
 head on cached backbone features (backbone and its BN statistics fixed); ``finetune`` starts from a frozen run's
 head (``init_from``) and also trains the top ``unfreeze_stages`` stages at ``lr * backbone_lr_scale``. The
 weights always hold the whole model, so evaluation and export never need to know the strategy.
+
+Under ``torchrun --nproc_per_node N`` (see :mod:`malaria_cells.distributed`) the ``scratch`` strategy trains with
+DistributedDataParallel: every rank draws the same epoch permutation and the same global batches of
+``batch_size`` images as one process would, and rank r trains on rows ``r*b .. (r+1)*b`` (``b = batch_size / N``)
+of each. Batch norm is synchronised and dropout masks are drawn for the global batch, so one N-rank step computes
+what one single-process step computes, up to floating-point rounding (the loss agrees to ~1e-7; see
+tests/test_ddp.py for what differs more). ``frozen`` and ``finetune`` refuse to run with N > 1: they train on
+cached backbone features and build shared on-disk feature stores, which several ranks would race to write. Only
+rank 0 writes the run folder, validates and decides when to stop.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -29,6 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from malaria_cells import distributed
 from malaria_cells import metrics as M
 from malaria_cells.augment import (
     MAX_VIEWS,
@@ -605,8 +616,12 @@ def train(*, config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = 
     Returns:
         ``run_dir``.
 
+    Under torchrun (``RANK``/``WORLD_SIZE`` set) every rank calls this with the same arguments; rank 0's
+    ``run_dir`` is used and only rank 0 writes. See the module docstring for what equals a single-process run.
+
     Raises:
         WeightsUnavailable: pretrained weights cannot be had; nothing is written.
+        ValueError: with several ranks, a strategy other than scratch or a batch size not divisible by them.
     """
     run_dir = Path(run_dir)
     state_path = run_dir / "state.pt"
@@ -626,13 +641,30 @@ def train(*, config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = 
             split = load_split(Path(config.init_from) / "split.csv")
     if config.strategy not in PLANS:
         raise ValueError(f"unknown strategy {config.strategy!r}; known: {', '.join(PLANS)}")
-    set_threads(config.threads)
-    device = default_device()
+    world = distributed.world_size()  # from torchrun's environment: checked before joining, so a refusal never hangs
+    if world > 1 and config.strategy != "scratch":
+        raise ValueError(
+            f"strategy {config.strategy} does not run on {world} processes (only scratch does); run it without "
+            "torchrun: it trains on cached backbone features (seconds per epoch) in on-disk stores ranks would share"
+        )
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of processes ({world})")
+    owns_group = distributed.setup()
+    if not distributed.is_main():
+        console.quiet = True  # rank 0 reports for all
+    run_dir = Path(distributed.broadcast_from_main(str(run_dir)))  # ranks may have stamped default names apart
+    state_path = run_dir / "state.pt"
+    # Without a thread count, the ranks on one machine share its cores instead of each taking all of them.
+    set_threads(config.threads or max(1, (os.cpu_count() or 1) // distributed.local_world_size()))
+    device = distributed.device(default_device())
     precision = resolve_precision(config.precision, device)
     # Weights first: when they cannot be had the run stops before anything is decoded or written.
     model, prep, weights_info = load_initial_model(config)
     model = model.to(device).to(memory_format=torch.channels_last)
+    model = distributed.prepare_replica(model)  # synced batch norm, global-batch dropout; a no-op in one process
 
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 decodes the image cache first; the others then load it instead of racing
     data = prepare_data(
         data_dir=Path(data_dir),
         input_size=config.input_size,
@@ -644,11 +676,13 @@ def train(*, config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = 
         max_images=config.max_images,
         cache_dir=config.cache_dir,
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        save_config(config, run_dir / "config.yaml")
-        save_split(data.split, data.images, run_dir / "split.csv")
-    _print_split(data)
+    if distributed.is_main():
+        distributed.barrier()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            save_config(config, run_dir / "config.yaml")
+            save_split(data.split, data.images, run_dir / "split.csv")
+        _print_split(data)
 
     plan = PLANS[config.strategy](model=model, data=data, config=config, prep=prep, device=device, precision=precision)
     optimizer = torch.optim.AdamW(plan.param_groups, lr=config.lr, weight_decay=config.weight_decay)
@@ -677,6 +711,11 @@ def train(*, config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = 
 
     t_start = time.perf_counter()
     val_sorted = np.sort(data.val_idx)
+    # One process: the plan's forward. Several: DDP around the model (gradients averaged over ranks), each rank
+    # training on its contiguous share of every global batch.
+    forward = distributed.wrap(model, device=device) if world > 1 else plan.forward
+    per_rank = config.batch_size // world
+    share = slice(distributed.rank() * per_rank, (distributed.rank() + 1) * per_rank)
     with make_progress(extra="status") as progress:
         ep_task = progress.add_task("epochs", total=config.epochs, completed=start_epoch, status="")
         for epoch in range(start_epoch, config.epochs):
@@ -684,6 +723,8 @@ def train(*, config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = 
                 break
             torch.manual_seed(config.seed * 1000 + epoch)  # dropout; per epoch so a resume draws the same
             gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+            # Every rank draws this permutation (same seed): the ranks' shares of a step's batch together are the
+            # single-process batch, not a DistributedSampler's own shuffle (which would change every batch).
             order = np.random.default_rng(config.seed * 1000 + epoch).permutation(data.train_idx)
             plan.train_mode()
             t0 = time.perf_counter()
@@ -691,10 +732,14 @@ def train(*, config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = 
             step_task = progress.add_task(f"epoch {epoch + 1}", total=steps_per_epoch, status="")
             for s in range(steps_per_epoch):
                 idx = np.sort(order[s * config.batch_size : (s + 1) * config.batch_size])
-                yb = torch.from_numpy(data.labels[idx]).float().to(device)
+                # The whole global batch is built (and augmented) on every rank so that the augmentation generator
+                # stays in step with a single process's; each rank then keeps its share.
                 x = plan.batch(idx, gen)
+                if world > 1:
+                    x, idx = x[share], idx[share]
+                yb = torch.from_numpy(data.labels[idx]).float().to(device)
                 with autocast(precision, device):
-                    logits = plan.forward(x)
+                    logits = forward(x)
                 loss = _bce(logits, yb, config.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -705,73 +750,81 @@ def train(*, config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = 
                     progress.update(step_task, completed=s + 1, status=f"loss {np.mean(losses[-50:]):.4f}")
             train_s = time.perf_counter() - t0
             progress.remove_task(step_task)
-            row = {
-                "epoch": epoch + 1,
-                "lr": optimizer.param_groups[-1]["lr"],  # the head's (the only group outside finetune)
-                "train_loss": float(np.mean(losses)),
-                "train_images_per_s": steps_per_epoch * config.batch_size / train_s,
-                "epoch_s": train_s,
-            }
-            if plan.val_logits is not None:
-                val_logits = plan.val_logits()
-                yv = data.labels[val_sorted]
-                pv = sigmoid(val_logits)
-                vm = M.binary_metrics(yv, pv, 0.5)
-                row.update(
-                    val_loss=float(_bce(torch.from_numpy(val_logits), torch.from_numpy(yv).float(), 0.0)),
-                    val_roc_auc=vm["roc_auc"],
-                    val_accuracy=vm["accuracy"],
-                    val_sensitivity=vm["sensitivity"],
-                    val_specificity=vm["specificity"],
-                )
-                score = vm["roc_auc"] - 1e-3 * row["val_loss"]  # AUC first; val loss breaks near-ties
-            else:
-                score = -row["train_loss"]
-            row["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
-            history.append(row)
-            improved = score > best_score
-            if improved:
-                best_score, best_epoch, bad_epochs = score, epoch, 0
-                save_weights(model, run_dir / "best.safetensors")
-            else:
-                bad_epochs += 1
-            save_weights(model, run_dir / "last.safetensors")
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "history": history,
-                "best_score": best_score,
-                "best_epoch": best_epoch,
-                "bad_epochs": bad_epochs,
-                "elapsed_s": row["elapsed_s"],
-            }
-            atomic_write(state_path, lambda tmp, st=state: torch.save(st, tmp))
-            # metrics.jsonl is rewritten from the checkpointed history, so it never runs ahead of state.pt.
-            atomic_write_text(run_dir / "metrics.jsonl", jsonl_text(history))
-            status = f"loss {row['train_loss']:.4f}"
-            if "val_roc_auc" in row:
-                status += f"  val AUC {row['val_roc_auc']:.4f}  acc {row['val_accuracy']:.4f}"
-            progress.update(ep_task, completed=epoch + 1, status=status + ("  *" if improved else ""))
-            if bad_epochs >= config.patience:
-                stopped = f"early stop (no better val AUC for {config.patience} epochs)"
+            # Equal shares: the mean over ranks of each rank's mean loss is the global batches' mean loss.
+            train_loss = distributed.all_reduce_mean(float(np.mean(losses)))
+            if distributed.is_main():  # validation, checkpoints and the stopping decision; the others wait below
+                row = {
+                    "epoch": epoch + 1,
+                    "lr": optimizer.param_groups[-1]["lr"],  # the head's (the only group outside finetune)
+                    "train_loss": train_loss,
+                    "train_images_per_s": steps_per_epoch * config.batch_size / train_s,
+                    "epoch_s": train_s,
+                }
+                if plan.val_logits is not None:
+                    val_logits = plan.val_logits()
+                    yv = data.labels[val_sorted]
+                    pv = sigmoid(val_logits)
+                    vm = M.binary_metrics(yv, pv, 0.5)
+                    row.update(
+                        val_loss=float(_bce(torch.from_numpy(val_logits), torch.from_numpy(yv).float(), 0.0)),
+                        val_roc_auc=vm["roc_auc"],
+                        val_accuracy=vm["accuracy"],
+                        val_sensitivity=vm["sensitivity"],
+                        val_specificity=vm["specificity"],
+                    )
+                    score = vm["roc_auc"] - 1e-3 * row["val_loss"]  # AUC first; val loss breaks near-ties
+                else:
+                    score = -row["train_loss"]
+                row["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+                history.append(row)
+                improved = score > best_score
+                if improved:
+                    best_score, best_epoch, bad_epochs = score, epoch, 0
+                    save_weights(model, run_dir / "best.safetensors")
+                else:
+                    bad_epochs += 1
+                save_weights(model, run_dir / "last.safetensors")
+                state = {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                    "best_score": best_score,
+                    "best_epoch": best_epoch,
+                    "bad_epochs": bad_epochs,
+                    "elapsed_s": row["elapsed_s"],
+                }
+                atomic_write(state_path, lambda tmp, st=state: torch.save(st, tmp))
+                # metrics.jsonl is rewritten from the checkpointed history, so it never runs ahead of state.pt.
+                atomic_write_text(run_dir / "metrics.jsonl", jsonl_text(history))
+                status = f"loss {row['train_loss']:.4f}"
+                if "val_roc_auc" in row:
+                    status += f"  val AUC {row['val_roc_auc']:.4f}  acc {row['val_accuracy']:.4f}"
+                progress.update(ep_task, completed=epoch + 1, status=status + ("  *" if improved else ""))
+                if bad_epochs >= config.patience:
+                    stopped = f"early stop (no better val AUC for {config.patience} epochs)"
+                elif config.time_budget_s and row["elapsed_s"] >= config.time_budget_s:
+                    stopped = f"time budget {config.time_budget_s:.0f} s reached"
+            stopped = distributed.broadcast_from_main(stopped)  # every rank stops after the same epoch
+            if stopped != "epochs":
                 break
-            if config.time_budget_s and row["elapsed_s"] >= config.time_budget_s:
-                stopped = f"time budget {config.time_budget_s:.0f} s reached"
-                break
-    console.print(f"training stopped: {stopped}; best epoch {best_epoch + 1}")
-    finalize(
-        run_dir=run_dir,
-        config=config,
-        data=data,
-        prep=prep,
-        precision=precision,
-        history=history,
-        best_epoch=best_epoch,
-        stopped=stopped,
-        plan=plan,
-        weights_info=weights_info,
-    )
+    if distributed.is_main():
+        console.print(f"training stopped: {stopped}; best epoch {best_epoch + 1}")
+        finalize(
+            run_dir=run_dir,
+            config=config,
+            data=data,
+            prep=prep,
+            precision=precision,
+            history=history,
+            best_epoch=best_epoch,
+            stopped=stopped,
+            plan=plan,
+            weights_info=weights_info,
+        )
+    distributed.barrier()  # the run folder is complete when any rank returns
+    if owns_group:
+        distributed.cleanup()
     return run_dir
 
 
@@ -845,6 +898,7 @@ def finalize(
         "train_images_per_s_median": float(np.median(ips)) if ips else None,
         "transfer": plan.info,
         "precision": precision,
+        "world_size": distributed.world_size(),  # processes that trained together (torchrun)
         "parameters": n_params,
         "trainable_parameters": sum(p.numel() for g in plan.param_groups for p in g["params"]),
         "weights_mb": round((run_dir / "best.safetensors").stat().st_size / 1e6, 3),

@@ -1,0 +1,494 @@
+"""Rebuild the README's benchmark tables from benchmarks/results/*.json (the last step of ``make bench``).
+
+Reads the results that exist (inference_matrix, scaling, train_speed_*, transfer_strategies, emfet, inference_speed,
+onnx_path, load_test; a missing one gets a line saying how to make it) and replaces the text between
+``<!-- bench:start -->`` and ``<!-- bench:end -->`` in README.md; nothing else in the README changes. Every table
+says where its numbers come from: machine, date and git commit as the JSON records them (for older files that do not,
+the last commit of the JSON file itself), and the command that reruns it.
+
+Run: .venv/bin/python benchmarks/report.py [--results benchmarks/results] [--readme README.md] [--check]
+``--check`` writes nothing and exits 1 when the README's section differs from what the JSON files give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+MODEL_NAMES = {
+    "custom-cnn": "custom CNN",
+    "efficientnet-lite0": "EfficientNet-Lite0",
+    "resnet50v2": "ResNet50V2",
+    "shipped": "shipped default",
+}
+
+
+# --------------------------------------------------------------------------------------------- formatting
+
+
+def rate(x: float | None) -> str:
+    """A throughput with as many digits as it deserves: 1,480 / 64.2 / 2.35."""
+    if x is None or x != x:
+        return "n/a"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def ms(x: float | None) -> str:
+    """Milliseconds, 3 significant digits or so."""
+    return "n/a" if x is None else f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def num(x: float | None, digits: int = 1) -> str:
+    """A plain number, or n/a."""
+    return "n/a" if x is None or x != x else f"{x:,.{digits}f}"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 thread`` / ``2 threads``."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
+def table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
+    """A Markdown table; ``align`` is one character per column: l or r (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _git(*args: str) -> str | None:
+    """A git command's output in this repository, or None (no git, not a checkout, an error)."""
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=ROOT)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance(path: Path, data: dict) -> str:
+    """Machine, date and commit of a result file, from its own record where it has one."""
+    m = data.get("machine", {})
+    cpu = m.get("cpu_model") or m.get("cpu") or data.get("cpu")
+    cores = m.get("cpus_usable") or m.get("cpu_count") or data.get("cpu_count")
+    parts = []
+    if cpu or cores:
+        parts.append(", ".join(str(p) for p in (cpu, f"{cores} cores" if cores else None) if p))
+    if "native_bf16" in m or "cpu_has_native_bf16" in data:
+        parts.append(f"native bf16: {'yes' if m.get('native_bf16', data.get('cpu_has_native_bf16')) else 'no'}")
+    date = (m.get("date") or data.get("date") or "")[:10]
+    parts.append(date or "date not recorded")
+    commit = m.get("git_commit")
+    if commit:
+        parts.append(f"commit {commit[:7]}" + (" + local changes" if m.get("git_dirty") else ""))
+    else:
+        # Older scripts do not record the commit; the last commit of the JSON file is the closest thing.
+        last = changed = None
+        if path.resolve().is_relative_to(ROOT):
+            rel = str(path.resolve().relative_to(ROOT))
+            last, changed = _git("log", "-1", "--format=%h %cs", "--", rel), _git("status", "--porcelain", "--", rel)
+        if last and not changed:
+            parts.append(f"commit not recorded (file committed in {last.split()[0]}, {last.split()[1]})")
+        else:
+            parts.append("commit not recorded")
+    start = m.get("load_average_start") or data.get("loadavg_at_start")  # older files: their own names
+    load = start[0] if isinstance(start, list) else data.get("load_average_1min")
+    if load is not None:
+        parts.append(f"load {load:.1f} at start")
+    if data.get("quick"):
+        parts.append("**quick run**")
+    return " · ".join(parts)
+
+
+def heading(title: str, command: str, path: Path, data: dict) -> list[str]:
+    """A table's title, its rerun command and where its numbers come from."""
+    return [f"#### {title}", "", f"`{command}` → `{path.name}` · {provenance(path, data)}", ""]
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+def inference_matrix(path: Path, d: dict) -> list[str]:
+    """Model x runtime x batch: cells/s and latency, decoded and end to end; peak RSS per cell."""
+    rows = []
+    for c in d["cells"]:
+        name = MODEL_NAMES.get(c["model"], c["model"])
+        weights = "" if c["model"] == "shipped" or not c.get("weights", "").startswith("random") else " (random init)"
+        label = f"{name}{weights}, {c.get('input_size', '?')} px"
+        if "error" in c:
+            rows.append([label, c["runtime"], "", f"failed: {c['error'][:60]}", "", "", ""])
+            continue
+        row = [label, c["runtime"].replace("ort", "ONNX RT"), f"{c['peak_rss_mb']:,.0f} MB"]
+        for b in ("1", "64"):
+            for mode in ("decoded", "end_to_end"):
+                m = c["batches"].get(b, {}).get(mode)
+                lat = m["latency_ms"] if m else None
+                row.append(f"{rate(m['cells_per_s'])} · {ms(lat['p50'])}/{ms(lat['p99'])}" if m else "")
+        rows.append(row)
+    cmd = d.get("command", "python benchmarks/inference_matrix.py").strip()
+    out = heading("Inference: model × runtime × batch", cmd, path, d)
+    out += table(
+        ["Model", "Runtime", "Peak RSS", "b=1 decoded", "b=1 end to end", "b=64 decoded", "b=64 end to end"],
+        rows,
+        "llrrrrr",
+    )
+    out += [
+        "",
+        f"Cells/s · per-call latency p50/p99 ms; {plural(d['threads'], 'thread')}; median of "
+        f"{plural(d['passes'], 'pass', 'passes')}, each cell "
+        "a fresh process (its peak RSS: imports, load, all timings). *decoded*: the model on letterboxed uint8 "
+        "cells; *end to end*: `Classifier.predict(paths)` on share files (read, decode, letterbox, model). Random-"
+        "init models time like trained ones; int8 = static QDQ as `malaria-cells export --int8`.",
+        "",
+    ]
+    return out
+
+
+def scaling(path: Path, d: dict) -> list[str]:
+    """Predict, train and cache-build time and memory against the number of images, with the line fits."""
+    parts = {k: {r["images"]: r for r in d[k]["rows"]} for k in ("predict", "train", "cache_build") if k in d}
+    sizes = d["sizes"]
+    rows = []
+    for n in sizes:
+        p, t, c = (parts.get(k, {}).get(n, {}) for k in ("predict", "train", "cache_build"))
+        rows.append(
+            [
+                f"{n:,}",
+                f"{num(p.get('wall_s'))} s · {rate(p.get('images_per_s'))}/s" if p else "",
+                f"{num(p.get('peak_rss_mb'), 0)} ({num(p.get('peak_rss_anon_mb'), 0)})" if p else "",
+                f"{num(t.get('wall_s'))} s · {rate(t.get('train_images_per_s'))}/s" if t else "",
+                f"{num(t.get('peak_rss_mb'), 0)} ({num(t.get('peak_rss_anon_mb'), 0)})" if t else "",
+                num(100 * t["val_accuracy_after_1_epoch"], 1) + " %" if t.get("val_accuracy_after_1_epoch") else "",
+                f"{num(c.get('prepare_s'))} s" if c else "",
+            ]
+        )
+    cmd = d.get("command", "python benchmarks/scaling.py").strip()
+    out = heading("How cost grows with the number of images", cmd, path, d)
+    out += table(
+        [
+            "Images",
+            "predict (s · images/s)",
+            "predict peak RSS MB (anon)",
+            "train, 1 epoch (process s · epoch images/s)",
+            "train peak RSS MB (anon)",
+            "val acc after 1 epoch",
+            "cold cache build",
+        ],
+        rows,
+    )
+    lines = []
+    for key, what in (("predict", "predict"), ("train", "train 1 epoch"), ("cache_build", "cold cache build")):
+        if key not in d:
+            continue
+        f = d[key]["fit_prepare_s"] if key == "cache_build" else d[key]["fit_wall_s"]
+        q = d[key]["rss_ratio_largest_to_smallest"]
+        r2 = f"R² {f['r2']:.3f}" if f.get("r2") is not None else "R² n/a"
+        lines.append(
+            f"{what}: {num(f['s_per_1k_images'], 2)} s per 1,000 images + {num(f['intercept_s'])} s ({r2}); "
+            f"peak RSS ×{num(q['peak_rss'], 2)} from {q['sizes'][0]:,} to {q['sizes'][1]:,} images "
+            f"(anonymous ×{num(q['anon'], 2)})"
+        )
+    out += [
+        "",
+        f"Least-squares lines of time vs images; medians of {plural(d['repeat'], 'interleaved round')}, "
+        f"{plural(d['threads'], 'thread')}:",
+        "",
+    ]
+    out += [f"- {ln}" for ln in lines]
+    tta = d.get("time_to_accuracy")
+    if tta:
+        reached = []
+        for target, hit in tta["reached"].items():
+            pct = f"≥ {100 * float(target):g} %"
+            reached.append(
+                f"{pct}: epoch {hit['epoch']}, {hit['elapsed_s']:,.0f} s"
+                if hit
+                else f"{pct}: not within {tta['epochs']} epochs"
+            )
+        out.append(
+            f"- time to a validation accuracy (custom CNN, {tta['images']:,} images, `--epochs {tta['epochs']}`, "
+            f"training time incl. validation): " + "; ".join(reached)
+        )
+    out += [
+        "",
+        "Anonymous memory is what would grow if anything were held per image; the rest of the RSS is shared "
+        "libraries and pages of the memory-mapped image cache (page cache). `predict` streams (csv written row by "
+        "row). `train` reads the cache through a memmap; it holds a copy of the validation images (12 KB each at "
+        "64 px) and validates in batches of up to 256, whose activations grow with the validation set until it "
+        "reaches 256 images (~1,700 images in all) and stay flat beyond.",
+        "",
+    ]
+    return out
+
+
+def train_speed(paths: list[tuple[Path, dict]]) -> list[str]:
+    """Training images/s per model, fp32 vs bf16 autocast, one row per train_speed_<model>.json."""
+    rows, sources = [], []
+    for path, d in paths:
+        ips = d["images_per_s"]
+        fp32, bf16 = ips.get("fp32"), ips.get("bf16")
+        rounds = len(d.get("rounds", {}).get("fp32", [])) or "?"
+        rows.append(
+            [
+                MODEL_NAMES.get(d["model"], d["model"]),
+                f"{d['input_size']} px",
+                str(d["batch"]),
+                str(d["threads"]),
+                rate(fp32),
+                rate(bf16),
+                f"{bf16 / fp32:.2f}×" if fp32 and bf16 else "n/a",
+            ]
+        )
+        cmd = f"python benchmarks/train_speed.py --model {d['model']} --batch {d['batch']} --rounds {rounds}"
+        sources.append(f"- `{cmd}` → `{path.name}` · {provenance(path, d)}")
+    out = ["#### Training speed: fp32 vs bf16 autocast (scratch training step)", ""]
+    out += table(["Model", "Input", "Batch", "Threads", "fp32 images/s", "bf16 images/s", "bf16 / fp32"], rows)
+    out += [
+        "",
+        "A real step (augmentation, forward, backward, AdamW), median of rounds; bf16 pays off only on CPUs "
+        "with native bf16 (AVX-512 BF16 / AMX).",
+        "",
+        *sources,
+        "",
+    ]
+    return out
+
+
+def transfer_strategies(path: Path, d: dict) -> list[str]:
+    """Images/s per model and training strategy (scratch, frozen cold/warm, finetune)."""
+    rows = [
+        [
+            r["run"],
+            MODEL_NAMES.get(r["model"], r["model"]),
+            r["strategy"],
+            f"{r['train_cells']:,}",
+            rate(r.get("epoch_cells_per_s")),
+            num(r.get("setup_s")),
+        ]
+        for r in d["rows"]
+    ]
+    cfg = d.get("config", {})
+    cmd = f"python benchmarks/transfer_strategies.py --max-images {cfg.get('max_images', 600)}"
+    out = heading("Training speed per model and strategy (one epoch, small subset)", cmd, path, d)
+    out += table(["Run", "Model", "Strategy", "Train cells", "Epoch cells/s", "Setup s"], rows, "lllrrr")
+    if d.get("note"):
+        out += ["", f"Note recorded with the measurement: {d['note']}"]
+    return [*out, ""]
+
+
+def emfet(path: Path, d: dict) -> list[str]:
+    """Ours vs emfet on the same test patients: metrics with CIs, end-to-end speed, and ratios to emfet."""
+    rows = []
+    for m in d["models"]:
+        r = d["ratios"].get(m["name"], {})
+        met = m.get("metrics") or {}
+        speed = (m.get("cells_per_s") or {}).get("median")
+        rows.append(
+            [
+                m["name"] + ("" if m.get("same_test_cells", True) else " *"),
+                *(_format_ci(met[k]) if k in met else "n/a" for k in ("accuracy", "sensitivity", "specificity")),
+                *(_format_ci(met[k]) if k in met else "n/a" for k in ("roc_auc", "mcc")),
+                rate(speed),
+                *(f"{r[k]:.3f}" if r.get(k) else "—" for k in ("accuracy", "roc_auc")),
+                f"{r['cells_per_s']:.1f}×" if r.get("cells_per_s") else "—",
+            ]
+        )
+    cfg = d.get("config", {})
+    cmd = "python benchmarks/emfet_compare.py --split " + str(d.get("split_file", cfg.get("split")))
+    for flag, key, default in (
+        ("--max-images", "max_images", None),
+        ("--speed-files", "speed_files", 500),
+        ("--repeat", "repeat", 5),
+        ("--threads", "threads", 1),
+    ):
+        if cfg.get(key) not in (default, None):
+            cmd += f" {flag} {cfg[key]}"
+    if cfg.get("runs"):
+        cmd += " --runs " + " ".join(cfg["runs"])
+    t, sp = d["test"], d["speed"]
+    title = f"Ours vs emfet {d['emfet']['version']} on the same test patients"
+    out = heading(title, cmd, path, d)
+    if d.get("subsampled"):
+        out += ["**Subsampled (`--max-images`): not the full test set.**", ""]
+    out += table(
+        ["Model", "Accuracy", "Sensitivity", "Specificity", "ROC AUC", "MCC", "cells/s", "acc ×", "AUC ×", "speed ×"],
+        rows,
+    )
+    out += [
+        "",
+        f"{t['n_cells']:,} test cells of {t['n_patients']} patients (split `{Path(d['split_file']).name}`, "
+        f"sha256 {d['split_sha256'][:12]}); emfet tuned and fitted on the train patients only. 95 % CIs: patient "
+        f"bootstrap ({d['bootstrap']['resamples']} resamples). Speed: end to end from files, {sp['files']} files, "
+        f"batch {sp['batch_size']}, {sp['threads']} thread(s) per model, median of {sp['repeat']} interleaved rounds. "
+        "Ratios: ours / emfet.",
+    ]
+    goals = d.get("goals", {})
+    if goals:
+        out += ["", *(f"- {'met' if ok else '**not met**'}: {goal}" for goal, ok in goals.items())]
+    if any(not m.get("same_test_cells", True) for m in d["models"]):
+        out += ["", "\\* metrics not on the same test cells as emfet's (see the JSON)."]
+    return [*out, ""]
+
+
+def _format_ci(v: dict) -> str:
+    """``value (low–high)`` with three decimals, as the comparison script prints it."""
+    if v.get("value") is None:
+        return "n/a"
+    if v.get("low") is None:
+        return f"{v['value']:.3f}"
+    return f"{v['value']:.3f} ({v['low']:.3f}–{v['high']:.3f})"
+
+
+def deployment(results: Path) -> list[str]:
+    """The shipped model's older deployment measurements: batch inference, the ONNX path, the load test."""
+    out: list[str] = []
+    p = results / "inference_speed.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        cmd = f"python benchmarks/inference_speed.py --run {d.get('run')} --repeat {d.get('rounds')}"
+        out += heading(f"Batch inference of a run's model ({d['images']:,} decoded cells)", cmd, p, d)
+        rows = [[k, rate(v["median"]), rate(v["best"])] for k, v in d["cells_per_s"].items()]
+        out += table([f"{d['model']}, batch {d['batch_size']}, {d['threads']} threads", "cells/s median", "best"], rows)
+        out += [""]
+    p = results / "onnx_path.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        out += heading(
+            "Fresh process: import, load, first prediction",
+            "python benchmarks/onnx_path.py --onnx models/default.onnx --run runs/custom-cnn-full",
+            p,
+            d,
+        )
+        rows = [
+            [
+                name,
+                num(r["import_s"], 2),
+                num(r["load_s"], 2),
+                num(r["first_predict_s"], 2),
+                num(r["process_wall_s"], 2),
+                num(r["peak_rss_mb"], 0),
+                "yes" if r["torch_imported"] else "no",
+            ]
+            for name, r in d.items()
+            if isinstance(r, dict)
+        ]
+        out += table(["Model from", "import s", "load s", "1st predict s", "process s", "peak RSS MB", "torch"], rows)
+        out += [""]
+    p = results / "load_test.json"
+    if p.exists():
+        d = json.loads(p.read_text())
+        r, mem, prm = d["run"], d.get("memory", {}), d.get("parameters", {})
+        before, after = (mem.get(k, {}).get("rss_mb") for k in ("before_load", "after_run"))
+        out += heading("`malaria-cells serve` under load", d.get("command", "python benchmarks/load_test.py"), p, d)
+        out += table(
+            ["Requests", "Concurrency", "OK", "Errors", "Requests/s", "p50 ms", "p99 ms", "RSS before → after MB"],
+            [
+                [
+                    f"{r['sent']:,}",
+                    str(prm.get("concurrency", "?")),
+                    f"{r['ok']:,}",
+                    str(r["errors"]),
+                    rate(r["requests_per_s"]),
+                    ms(r["latency_ms"]["p50"]),
+                    ms(r["latency_ms"]["p99"]),
+                    f"{num(before, 0)} → {num(after, 0)}",
+                ]
+            ],
+        )
+        out += [""]
+    return out
+
+
+# --------------------------------------------------------------------------------------------- assembly
+
+
+def render(results: Path) -> str:
+    """The generated Markdown between the markers."""
+
+    def load(name: str) -> tuple[Path, dict] | None:
+        p = results / name
+        return (p, json.loads(p.read_text())) if p.exists() else None
+
+    def missing(what: str, cmd: str) -> list[str]:
+        return [f"#### {what}", "", f"Not measured yet: `{cmd}`.", ""]
+
+    sections: list[tuple[str, str, str, Callable[[Path, dict], list[str]]]] = [
+        (
+            "inference_matrix.json",
+            "Inference: model × runtime × batch",
+            "python benchmarks/inference_matrix.py",
+            inference_matrix,
+        ),
+        ("scaling.json", "How cost grows with the number of images", "python benchmarks/scaling.py", scaling),
+    ]
+    out = [
+        START,
+        "<!-- Generated by `python benchmarks/report.py` from benchmarks/results/*.json; edits here are lost. -->",
+        "",
+    ]
+    for name, what, cmd, fn in sections:
+        got = load(name)
+        out += fn(*got) if got else missing(what, cmd)
+    speeds = sorted(results.glob("train_speed_*.json"))
+    out += (
+        train_speed([(p, json.loads(p.read_text())) for p in speeds])
+        if speeds
+        else missing("Training speed", "python benchmarks/train_speed.py")
+    )
+    got = load("transfer_strategies.json")
+    if got:
+        out += transfer_strategies(*got)
+    got = load("emfet.json")
+    out += emfet(*got) if got else missing("Ours vs emfet", "python benchmarks/emfet_compare.py --split SPLIT.csv")
+    out += deployment(results)
+    while out and out[-1] == "":
+        out.pop()
+    return "\n".join([*(ln for line in out for ln in wrap(line)), END])
+
+
+def wrap(line: str, width: int = 118) -> list[str]:
+    """Prose and list lines wrapped to the README's width; tables, headings and comments left whole."""
+    if len(line) <= width or line.startswith(("|", "#", "<!--")):
+        return [line]
+    indent = "  " if line.startswith("- ") else ""
+    return textwrap.wrap(line, width, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
+
+
+def splice(readme: str, section: str) -> str:
+    """``readme`` with the text between the markers (markers included) replaced by ``section``."""
+    a, b = readme.find(START), readme.find(END)
+    if a < 0 or b < a:
+        raise SystemExit(f"README has no {START} ... {END} block; add it where the tables should go")
+    return readme[:a] + section + readme[b + len(END) :]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    ap.add_argument("--check", action="store_true", help="exit 1 if the README is not what the JSON files give")
+    args = ap.parse_args()
+    readme = Path(args.readme)
+    old = readme.read_text(encoding="utf-8")
+    new = splice(old, render(Path(args.results)))
+    if args.check:
+        if new != old:
+            print(f"{readme}: the benchmark section is out of date; run python benchmarks/report.py")
+            sys.exit(1)
+        print(f"{readme}: up to date")
+        return
+    if new != old:
+        from malaria_cells.io import atomic_write_text
+
+        atomic_write_text(readme, new)
+    print(f"{readme}: benchmark section {'rewritten' if new != old else 'unchanged'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Combining predictions at test time: dihedral test-time augmentation (TTA) and ensembles of finished runs.
+
+A red blood cell has no up or down, so the 8 rotations/reflections of a cell image are equally valid views;
+averaging P(Parasitized) over them smooths out orientation-specific mistakes. An ensemble averages the
+probabilities of several runs trained on the same split. Both are scored like a single run: the threshold is
+chosen on the validation patients (never on test), then the test patients give the metrics with
+patient-bootstrap CIs. They are evaluation-time combinations of existing runs; ``predict``/``export`` serve one
+run at a time.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from malaria_cells import metrics as M
+from malaria_cells.cache import build_or_load
+from malaria_cells.config import load_config
+from malaria_cells.data import scan
+from malaria_cells.evaluate import image_key, select_images
+from malaria_cells.models import predict_logits, set_threads, sigmoid
+from malaria_cells.preprocess import Preprocessing
+from malaria_cells.progress import console, make_progress
+from malaria_cells.train import load_run_model
+
+N_VIEWS = 8  # the dihedral group of the square: 4 rotations x optional mirror
+
+
+def dihedral(images: np.ndarray, view: int) -> np.ndarray:
+    """One of the 8 rotations/reflections of a batch of square images.
+
+    Args:
+        images: (N, S, S, C) array.
+        view: 0-7; 0 is the identity, 1-3 rotate by 90/180/270 degrees, 4-7 mirror first.
+
+    Returns:
+        The transformed batch (a view where numpy can, else a copy).
+    """
+    if not 0 <= view < N_VIEWS:
+        raise ValueError(f"view must be 0-{N_VIEWS - 1}, not {view}")
+    out = images[:, :, ::-1] if view >= 4 else images
+    return np.rot90(out, k=view % 4, axes=(1, 2))
+
+
+@dataclass(frozen=True)
+class Probabilities:
+    """P(Parasitized) of one run (or combination) for the cells of one split, keyed by image."""
+
+    keys: list[str]  # :func:`malaria_cells.evaluate.image_key` of each cell
+    y: np.ndarray  # labels, 1 = Parasitized
+    groups: np.ndarray  # patient ids
+    prob: np.ndarray
+    cells_per_s: float  # inference speed, all views included
+
+
+def run_probabilities(
+    *, run_dir: Path, data_dir: Path, split: str, tta: bool = False, batch_size: int = 256
+) -> Probabilities:
+    """P(Parasitized) of a run's best weights on one of its splits, optionally averaged over the 8 views.
+
+    Args:
+        run_dir: a finished run.
+        data_dir: the images.
+        split: "val" or "test".
+        tta: average over the 8 dihedral views.
+        batch_size: images per forward pass.
+
+    Returns:
+        The probabilities, in the data source's order.
+    """
+    model, meta = load_run_model(Path(run_dir))
+    prep = Preprocessing.from_dict(meta["preprocessing"])
+    found = scan(data_dir)
+    images, _ = select_images(run_dir=Path(run_dir), images=found.images, split=split)
+    cache = build_or_load(images=images, size=prep.input_size, root=found.root)
+    keep = np.flatnonzero(cache.ok)
+    arr = np.asarray(cache.array[keep])
+    views = range(N_VIEWS) if tta else range(1)
+    prob = np.zeros(len(keep))
+    t0 = time.perf_counter()
+    with make_progress(transient=True) as progress:
+        task = progress.add_task(f"{meta['model']}: {split}, {len(views)} view(s)", total=len(keep) * len(views))
+        for v in views:
+            x = np.ascontiguousarray(dihedral(arr, v))
+            logits = predict_logits(
+                model, x, prep=prep, batch_size=batch_size, progress=lambda n: progress.advance(task, n)
+            )
+            prob += sigmoid(logits)
+    elapsed = time.perf_counter() - t0
+    chosen = [images[i] for i in keep]
+    return Probabilities(
+        keys=[image_key(im) for im in chosen],
+        y=np.array([im.label for im in chosen], dtype=np.int64),
+        groups=np.array([im.patient for im in chosen]),
+        prob=prob / len(views),
+        cells_per_s=len(keep) / elapsed if elapsed > 0 else float("nan"),
+    )
+
+
+def average(parts: list[Probabilities]) -> Probabilities:
+    """The mean probability of several runs on the cells they all scored (aligned by image key).
+
+    Args:
+        parts: one per run, same split.
+
+    Returns:
+        The ensemble's probabilities; ``cells_per_s`` is the harmonic combination (every model runs per cell).
+    """
+    common = set(parts[0].keys)
+    for p in parts[1:]:
+        common &= set(p.keys)
+    order = [k for k in parts[0].keys if k in common]
+    probs = []
+    for p in parts:
+        index = {k: i for i, k in enumerate(p.keys)}
+        probs.append(p.prob[[index[k] for k in order]])
+    first = {k: i for i, k in enumerate(parts[0].keys)}
+    rows = [first[k] for k in order]
+    return Probabilities(
+        keys=order,
+        y=parts[0].y[rows],
+        groups=parts[0].groups[rows],
+        prob=np.mean(probs, axis=0),
+        cells_per_s=1.0 / sum(1.0 / p.cells_per_s for p in parts),
+    )
+
+
+def evaluate_combination(
+    *,
+    run_dirs: list[Path],
+    data_dir: Path,
+    tta: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+    threads: int | None = None,
+    out_csv: Path | None = None,
+) -> dict:
+    """Score the mean of several runs (or one run with TTA): threshold on val, metrics with CIs on test.
+
+    Args:
+        run_dirs: finished runs trained on the same patient split.
+        data_dir: the images.
+        tta: average each run over the 8 dihedral views.
+        n_boot: patient-bootstrap resamples.
+        seed: bootstrap seed.
+        threads: torch threads (default: all cores).
+        out_csv: where to write the per-cell test probabilities (optional).
+
+    Returns:
+        ``{"runs", "tta", "threshold", "threshold_method", "metrics", "n_cells", "n_patients",
+        "inference_cells_per_s"}``; metrics as :func:`malaria_cells.metrics.bootstrap_ci`.
+
+    Raises:
+        ValueError: the runs were not trained on the same split.
+    """
+    set_threads(threads)
+    splits = {_split_signature(Path(r)) for r in run_dirs}
+    if len(splits) != 1:
+        raise ValueError("an ensemble needs runs trained on the same patient split; these differ")
+    method = load_config(Path(run_dirs[0]) / "config.yaml").threshold_method
+    console.print(f"combining {', '.join(Path(r).name for r in run_dirs)}" + (" with 8-view TTA" if tta else ""))
+    val = average([run_probabilities(run_dir=r, data_dir=data_dir, split="val", tta=tta) for r in run_dirs])
+    test = average([run_probabilities(run_dir=r, data_dir=data_dir, split="test", tta=tta) for r in run_dirs])
+    threshold = M.choose_threshold(val.y, val.prob, method=method)
+    ci = M.bootstrap_ci(test.y, test.prob, test.groups, threshold, n_boot=n_boot, seed=seed)
+    if out_csv is not None:
+        from malaria_cells.io import atomic_write_text
+
+        lines = ["key,patient,label,prob_parasitized"] + [
+            f"{k},{g},{y},{p:.6f}" for k, g, y, p in zip(test.keys, test.groups, test.y, test.prob, strict=True)
+        ]
+        atomic_write_text(out_csv, "\n".join(lines) + "\n")
+    return {
+        "runs": [str(r) for r in run_dirs],
+        "tta": tta,
+        "threshold": threshold,
+        "threshold_method": method,
+        "metrics": ci,
+        "n_cells": int(len(test.y)),
+        "n_patients": int(len(set(test.groups.tolist()))),
+        "inference_cells_per_s": test.cells_per_s,
+    }
+
+
+def _split_signature(run_dir: Path) -> frozenset[tuple[str, str]]:
+    with open(run_dir / "split.csv", newline="", encoding="utf-8") as f:
+        return frozenset((r["patient"], r["split"]) for r in csv.DictReader(f))
