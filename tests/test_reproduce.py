@@ -56,10 +56,12 @@ def test_results_with_an_unavailable_row_and_the_leakage_audit(tmp_path: Path, s
         assert c["metrics"]["accuracy"]["low"] <= c["metrics"]["accuracy"]["value"] <= c["metrics"]["accuracy"]["high"]
     assert by_name["CNN + Lite0"]["parameters"] == cnn["parameters"] + lite0["parameters"]
 
-    audit = out["leakage_audit"]
-    assert audit["row"] == "EfficientNet-Lite0, frozen base" and audit["leaky"]["split_kind"] == "image-leaky"
-    expected = 100 * (audit["leaky"]["metrics"]["accuracy"]["value"] - lite0["metrics"]["accuracy"]["value"])
-    assert audit["inflation_points"] == pytest.approx(expected)
+    audits = {a["row"]: a for a in out["leakage_audits"]}
+    assert list(audits) == ["EfficientNet-Lite0, frozen base", "Custom CNN (from scratch)"]
+    for audit, honest in zip(audits.values(), (lite0, cnn), strict=True):
+        assert audit["leaky"]["split_kind"] == "image-leaky"
+        expected = 100 * (audit["leaky"]["metrics"]["accuracy"]["value"] - honest["metrics"]["accuracy"]["value"])
+        assert audit["inflation_points"] == pytest.approx(expected)
 
     md = (tmp_path / "results.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| ResNet50V2, frozen base |")][0]
@@ -73,7 +75,8 @@ def test_results_with_an_unavailable_row_and_the_leakage_audit(tmp_path: Path, s
     assert [r["metrics"] for r in again["rows"] if r["status"] == "ok"] == [
         r["metrics"] for r in out["rows"] if r["status"] == "ok"
     ]
-    assert again["reused_runs"] == 3 and "reusing 3 finished run(s)" in (tmp_path / "results.md").read_text()
+    assert again["reused_runs"] == 4 and "reusing 4 finished run(s)" in (tmp_path / "results.md").read_text()
+    assert f"malaria-cells reproduce --data {share} --out {tmp_path} --quick --n-boot 50" in md
     assert again["full_run_wall_s"] == pytest.approx(out["wall_s"])
 
 
