@@ -528,9 +528,9 @@ def render_results(out: dict) -> str:
         "",
         "## How each row was trained",
         "",
-        "| Model | Input px | Weights | Trainable params | Epochs (best) | Frozen-backbone features | Fine-tuning "
-        "input |",
-        "|---|---:|---|---:|---|---|---|",
+        "| Model | Input px | Weights | Trainable params | Epochs (best) | Train images/s | Frozen-backbone "
+        "features | Fine-tuning input |",
+        "|---|---:|---|---:|---|---:|---|---|",
     ]
     for r in out["rows"]:
         if r.get("kind") == "combination":
@@ -538,7 +538,7 @@ def render_results(out: dict) -> str:
         if r["status"] != "ok":
             why = r["reason"].split(" (")[0]
             lines.append(
-                f"| {r['name']} | — | {UNAVAILABLE}: {why}; pass `--weights {r['model']}=FILE` | — | — | — | — |"
+                f"| {r['name']} | — | {UNAVAILABLE}: {why}; pass `--weights {r['model']}=FILE` | — | — | — | — | — |"
             )
             continue
         ext = r.get("feature_extraction") or {}
@@ -549,9 +549,11 @@ def render_results(out: dict) -> str:
         )
         lines.append(
             f"| {r['name']} | {r['input_size']} | {r['weights'] or 'none'} | {_num(r['trainable_parameters'], ',')} | "
-            f"{r['epochs_run']} ({r['best_epoch']}) | {feats} | {r.get('frozen_part') or '—'} |"
+            f"{r['epochs_run']} ({r['best_epoch']}) | {_num(r.get('train_images_per_s'), ',.0f')} | {feats} | "
+            f"{r.get('frozen_part') or '—'} |"
         )
     combos = [r for r in out["rows"] if r.get("kind") == "combination"]
+    lines += [""] if combos else []
     for r in combos:
         how = "mean P(Parasitized) over the 8 rotations/reflections of each cell" if r["tta"] else "mean P(Parasitized)"
         lines.append(
@@ -564,6 +566,8 @@ def render_results(out: dict) -> str:
         "- Train min: this row's own training, feature extraction included; a fine-tuned row starts from its "
         "frozen row's head and cached activations, whose time is in the frozen row.",
         "- Infer cells/s: the whole model on the test cells, this machine, batch 256.",
+        "- Train images/s: median over epochs of training images per second; a frozen row's head trains on cached "
+        "backbone features (the extraction's own speed is in the next column).",
         f"- {PUBLISHED_NOTE}",
         "- EfficientNet-Lite0 rows have no published counterpart: they are this tool's additions.",
     ]
