@@ -36,7 +36,7 @@ Features are cached in ``$MALARIA_CELLS_CACHE`` (default ``~/.cache/malaria-cell
 version, the feature config, OpenCV's version, the data root and the file list.
 
 Run: .venv/bin/python benchmarks/emfet_compare.py [--data ../shared/nih-cell-images]
-     [--split runs/custom-cnn-full/split.csv] [--runs runs/custom-cnn-full ...] [--threads 1] [--jobs -1]
+     [--split runs/custom-cnn-48/split.csv] [--runs runs/custom-cnn-48 ...] [--threads 1] [--jobs -1]
      [--workers N] [--speed-files 500] [--repeat 5] [--max-images N] [--out benchmarks/results/emfet.json]
 Writes benchmarks/results/emfet.json.
 """
@@ -508,7 +508,7 @@ def print_report(result: dict[str, Any]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="images (default: as malaria-cells: $MALARIA_CELLS_DATA, share)")
-    ap.add_argument("--split", default="runs/custom-cnn-full/split.csv", help="our by-patient split.csv")
+    ap.add_argument("--split", default="runs/custom-cnn-48/split.csv", help="our by-patient split.csv")
     ap.add_argument("--runs", nargs="*", default=[], help="run folders to add (metrics from eval-test/metrics.json)")
     ap.add_argument("--shipped-model", default=None, help="ONNX file (default: what Classifier.load() loads)")
     ap.add_argument("--threads", type=int, default=1, help="threads per model in the speed test (all models alike)")

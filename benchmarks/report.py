@@ -361,7 +361,7 @@ def deployment(results: Path) -> list[str]:
         d = json.loads(p.read_text())
         out += heading(
             "Fresh process: import, load, first prediction",
-            "python benchmarks/onnx_path.py --onnx models/default.onnx --run runs/custom-cnn-full",
+            "python benchmarks/onnx_path.py --onnx models/default.onnx --run runs/custom-cnn-48",
             p,
             d,
         )

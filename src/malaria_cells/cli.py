@@ -489,7 +489,7 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted image file, in MB.")] = 10.0,
     max_files: Annotated[int, typer.Option(help="Most files in one request.")] = 32,
-    workers: Annotated[int, typer.Option(min=1, help="Requests classified at once; others wait their turn.")] = 2,
+    workers: Annotated[int, typer.Option(min=1, help="Requests classified at once; others wait their turn.")] = 1,
     threads: Annotated[
         int | None, typer.Option(min=1, help="Model threads per request (default: cores // workers).")
     ] = None,

@@ -37,8 +37,9 @@ STATIC = Path(__file__).resolve().parent / "static"
 API = "/api/v1"
 DEFAULT_MAX_UPLOAD_MB = 10.0
 DEFAULT_MAX_FILES = 32  # with 10 MB files, at most 320 MB of uploads held at once
-# Requests classified at once. Measured with benchmarks/load_test.py (README): see the serve section.
-DEFAULT_WORKERS = 2
+# Requests classified at once. benchmarks/load_test.py on 2 cores, one cell per request: 1 worker x 2 threads and
+# 2 workers x 1 thread both serve ~230 requests/s, but 1 worker has half the p99 latency (137 vs 258 ms).
+DEFAULT_WORKERS = 1
 # Pages may load only what this server serves; data: and blob: for the heatmaps and the local previews.
 CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; "
