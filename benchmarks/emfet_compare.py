@@ -371,7 +371,12 @@ def fit_emfet(
             progress(len(res.x_iters))
         return False  # True would stop the search
 
-    search.fit(X, to_emfet_labels(y), groups=groups, callback=callback)
+    import joblib
+
+    # Threads, not loky processes: the task pickling of loky fails here on a lock held in the propagated warning
+    # filters (PicklingError: cannot pickle '_thread.RLock'); the forest's fitting releases the GIL anyway.
+    with joblib.parallel_config(backend="threading"):
+        search.fit(X, to_emfet_labels(y), groups=groups, callback=callback)
     fit_s = time.perf_counter() - t0
     best = search.best_estimator_
     info = {

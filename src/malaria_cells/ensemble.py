@@ -22,7 +22,7 @@ from malaria_cells.cache import build_or_load
 from malaria_cells.config import load_config
 from malaria_cells.data import scan
 from malaria_cells.evaluate import image_key, select_images
-from malaria_cells.models import predict_logits, set_threads, sigmoid
+from malaria_cells.models import default_device, predict_logits, set_threads, sigmoid
 from malaria_cells.preprocess import Preprocessing
 from malaria_cells.progress import console, make_progress
 from malaria_cells.train import load_run_model
@@ -72,7 +72,7 @@ def run_probabilities(
     Returns:
         The probabilities, in the data source's order.
     """
-    model, meta = load_run_model(Path(run_dir))
+    model, meta = load_run_model(Path(run_dir), device=default_device())
     prep = Preprocessing.from_dict(meta["preprocessing"])
     found = scan(data_dir)
     images, _ = select_images(run_dir=Path(run_dir), images=found.images, split=split)

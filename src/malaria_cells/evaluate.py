@@ -15,7 +15,7 @@ from malaria_cells import plots
 from malaria_cells.cache import ImageCache, build_or_load
 from malaria_cells.data import CLASSES, CellImage, Scan, scan
 from malaria_cells.io import atomic_write_json, atomic_write_text
-from malaria_cells.models import predict_logits, set_threads, sigmoid
+from malaria_cells.models import default_device, predict_logits, set_threads, sigmoid
 from malaria_cells.preprocess import Preprocessing
 from malaria_cells.progress import console, make_progress
 from malaria_cells.split import LEAKY, load_split
@@ -100,7 +100,7 @@ def evaluate_run(
     set_threads(threads)
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / f"eval-{split}"
-    model, meta = load_run_model(run_dir)
+    model, meta = load_run_model(run_dir, device=default_device())
     prep = Preprocessing.from_dict(meta["preprocessing"])
     threshold = float(meta["threshold"])
     found = scan(data_dir)

@@ -99,7 +99,7 @@ def grad_cam(
     cam = nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
     top = cam.max()
     cam = cam / top if top > 0 else cam
-    return cam.numpy().astype(np.float32), float(logit.item())
+    return cam.cpu().numpy().astype(np.float32), float(logit.item())
 
 
 def explain(classifier: Classifier, image: ImageInput, *, name: str = "<image>") -> Explanation:
@@ -119,7 +119,8 @@ def explain(classifier: Classifier, image: ImageInput, *, name: str = "<image>")
     """
     model = classifier.torch_model
     u8 = classifier.prepare(image, name=name)
-    x = to_input(torch.from_numpy(u8[None]), classifier.prep).contiguous()
+    device = next(model.parameters()).device  # CUDA when the run was loaded there
+    x = to_input(torch.from_numpy(u8[None]).to(device), classifier.prep).contiguous()
     with torch.no_grad():
         prob = float(torch.sigmoid(model.eval()(x))[0])
     positive = prob >= classifier.threshold

@@ -165,7 +165,11 @@ class _OnnxBackend:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+            # CUDA when this onnxruntime build has it (onnxruntime-gpu), else the CPU.
+            providers = [p for p in ("CUDAExecutionProvider",) if p in ort.get_available_providers()]
+            self.session = ort.InferenceSession(
+                str(path), sess_options=opts, providers=[*providers, "CPUExecutionProvider"]
+            )
         except Exception as e:  # onnxruntime raises its own exception types for corrupt files
             raise ModelError(f"{path}: not a loadable ONNX model ({e})") from None
         raw = self.session.get_modelmeta().custom_metadata_map
@@ -193,13 +197,13 @@ class _TorchBackend:
     name = "torch"
 
     def __init__(self, run_dir: Path, *, threads: int | None) -> None:
-        from malaria_cells.models import set_threads  # lazy: torch is imported only for run folders
+        from malaria_cells.models import default_device, set_threads  # lazy: torch only for run folders
         from malaria_cells.train import load_run_model
 
         if threads:
             set_threads(threads)
         try:
-            self.model, self.meta = load_run_model(run_dir)
+            self.model, self.meta = load_run_model(run_dir, device=default_device())
         except (OSError, KeyError, ValueError, RuntimeError) as e:
             raise ModelError(f"{run_dir}: cannot load the run's model ({e})") from None
         self.prep = Preprocessing.from_dict(self.meta["preprocessing"])

@@ -227,12 +227,14 @@ def save_weights(model: nn.Module, path: Path) -> None:
     atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
 
-def load_run_model(run_dir: Path, *, which: str = "best") -> tuple[nn.Module, dict]:
+def load_run_model(run_dir: Path, *, which: str = "best", device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a run's model with its trained weights.
 
     Args:
         run_dir: the run folder.
         which: "best" or "last".
+        device: where to put it (evaluation and prediction pass :func:`default_device`: CUDA when present; export
+            keeps the CPU default).
 
     Returns:
         (model in eval mode, metadata dict).
@@ -241,7 +243,7 @@ def load_run_model(run_dir: Path, *, which: str = "best") -> tuple[nn.Module, di
     meta = json.loads((run_dir / "metadata.json").read_text())
     model = build_model(meta["model"])
     model.load_state_dict(load_file(str(run_dir / f"{which}.safetensors")))
-    model.eval()
+    model.to(device).eval()
     return model, meta
 
 
