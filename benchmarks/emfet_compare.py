@@ -44,7 +44,6 @@ Writes benchmarks/results/emfet.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
 import datetime as dt
@@ -56,7 +55,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -67,6 +65,7 @@ from typing import Any
 import cv2
 import emfet
 import numpy as np
+from benchinfo import git_state, package_versions
 from emfet.data import DEFAULT_LABEL_MAP as EMFET_LABEL_MAP
 from emfet.data import POSITIVE_CLASS as EMFET_POSITIVE
 from emfet.evaluate import MODEL_SPECS, assert_no_group_leakage, nested_patient_cv
@@ -104,20 +103,9 @@ console = Console() if sys.stdout.isatty() else Console(width=200)
 
 def machine_info() -> dict[str, Any]:
     """Date, cores, platform, package versions and git commit, as the other benchmarks record them."""
-    versions = {}
-    for pkg in PACKAGES:
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
+    versions = package_versions(PACKAGES)
     versions["opencv (cv2)"] = cv2.__version__
-    commit, dirty = None, None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=ROOT)
-        if out.returncode == 0:
-            commit = out.stdout.strip()
-            st = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10, cwd=ROOT)
-            dirty = bool(st.stdout.strip()) if st.returncode == 0 else None
+    commit, dirty = git_state()
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import importlib.metadata
 import json
 import os
 import platform
@@ -47,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from benchinfo import git_state, package_versions
 
 if TYPE_CHECKING:  # the child of an ONNX cell must not import torch, so nothing heavy at module level
     from malaria_cells.predict import Classifier
@@ -81,19 +81,8 @@ def machine_info(packages: tuple[str, ...] = PACKAGES) -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError, IndexError):
         line = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
         mem_gb = round(int(line.split()[1]) / 1024**2, 1)
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in packages:
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
-    commit, dirty = None, None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=ROOT)
-        if out.returncode == 0:
-            commit = out.stdout.strip()
-            st = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10, cwd=ROOT)
-            dirty = bool(st.stdout.strip()) if st.returncode == 0 else None
+    versions: dict[str, str | None] = {"python": platform.python_version(), **package_versions(packages)}
+    commit, dirty = git_state()
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu_model": model or platform.processor() or platform.machine(),

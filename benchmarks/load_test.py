@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import importlib.metadata
 import math
 import mimetypes
 import os
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from benchinfo import git_state, package_versions
 from rich.console import Console
 from rich.table import Table
 
@@ -405,19 +405,8 @@ async def load(server: Server, images: list[tuple[str, bytes, str]], args: argpa
 
 
 def machine_info() -> dict[str, Any]:
-    versions = {}
-    for pkg in PACKAGES:
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
-    commit, dirty = None, None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            commit = out.stdout.strip()
-            st = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10)
-            dirty = bool(st.stdout.strip()) if st.returncode == 0 else None
+    versions = package_versions(PACKAGES)
+    commit, dirty = git_state()
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),

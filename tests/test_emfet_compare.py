@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "emfet_compare.py"
 
 @pytest.fixture(scope="module")
 def bench():
+    # The script imports its sibling benchinfo.py, as it does when run as `python benchmarks/emfet_compare.py`.
+    sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("emfet_compare", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
