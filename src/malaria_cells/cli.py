@@ -353,6 +353,7 @@ def predict_cmd(
     a table is laid out at the end. Exit code 0 when every image was classified, 1 when any failed, 2 on a
     usage or model error.
     """
+    import contextlib
     import itertools
     import shutil
 
@@ -393,14 +394,13 @@ def predict_cmd(
 
     def write(fh) -> None:
         files = itertools.islice(iter_inputs(paths), start, stop)
-        if stop - start > batch_size:  # a bar only where it is worth watching
-            with make_progress() as progress:
+        # A bar only where it is worth watching.
+        with make_progress() if stop - start > batch_size else contextlib.nullcontext() as progress:
+            advance = None
+            if progress is not None:
                 task = progress.add_task(f"classifying {stop - start:,} images", total=stop - start)
-                preds = clf.iter_predict(files, batch_size=batch_size, progress=lambda k: progress.advance(task, k))
-                for piece in render_predictions(counted(preds), fmt=fmt, card=clf.card, width=width, header=header):
-                    fh.write(piece)
-        else:
-            preds = clf.iter_predict(files, batch_size=batch_size)
+                advance = lambda k: progress.advance(task, k)  # noqa: E731
+            preds = clf.iter_predict(files, batch_size=batch_size, progress=advance)
             for piece in render_predictions(counted(preds), fmt=fmt, card=clf.card, width=width, header=header):
                 fh.write(piece)
 

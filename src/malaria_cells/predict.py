@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
+import itertools
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -386,29 +387,18 @@ class Classifier:
             decoded = list(self._pool.map(self._prepare_or_error, chunk))
         else:
             decoded = [self._prepare_or_error(item) for item in chunk]
-        pending: list[tuple[str, str | None]] = []  # (name, error or None) per image of the chunk
-        n_good = 0
+        good = [d for d in decoded if not isinstance(d, str)]  # a str is the error of an unusable image
+        for j, d in enumerate(good):
+            batch[j] = d
+        probs = iter(self.predict_prepared(batch[: len(good)]))
         for (name, _), d in zip(chunk, decoded, strict=True):
             if isinstance(d, str):
-                pending.append((name, d))
-            else:
-                batch[n_good] = d
-                n_good += 1
-                pending.append((name, None))
-        yield from self._flush(batch[:n_good], pending, progress)
-
-    def _flush(
-        self, good: np.ndarray, pending: list[tuple[str, str | None]], progress: Callable[[int], None] | None
-    ) -> Iterator[Prediction]:
-        probs = iter(self.predict_prepared(good))
-        for name, err in pending:
-            if err is not None:
-                yield Prediction(name, None, None, self.threshold, error=err)
+                yield Prediction(name, None, None, self.threshold, error=d)
             else:
                 p = float(next(probs))
                 yield Prediction(name, self.label_of(p), p, self.threshold)
         if progress:
-            progress(len(pending))
+            progress(len(chunk))
 
 
 def _default_name(image: ImageInput, i: int) -> str:
@@ -535,7 +525,6 @@ def shard_bounds(n: int, *, index: int, count: int) -> tuple[int, int]:
 
 
 FORMATS = ("table", "csv", "jsonl", "json")
-STREAMING_FORMATS = ("csv", "jsonl", "json")  # written row by row; "table" needs every row to lay out its columns
 CSV_HEADER = ("source", "label", "prob_parasitized", "threshold", "error")
 
 
@@ -586,15 +575,23 @@ def render_predictions(
         for p in predictions:
             yield json.dumps(p.to_dict()) + "\n"
     elif fmt == "csv":
-        if header:
-            yield ",".join(CSV_HEADER) + "\n"
-        for p in predictions:
-            buf = io.StringIO()
-            prob = "" if p.probability is None else f"{p.probability:.6f}"
-            csv.writer(buf, lineterminator="\n").writerow(
-                [p.source, p.label or "", prob, f"{p.threshold:.6f}", p.error or ""]
-            )
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        rows = (
+            [
+                p.source,
+                p.label or "",
+                "" if p.probability is None else f"{p.probability:.6f}",
+                f"{p.threshold:.6f}",
+                p.error or "",
+            ]
+            for p in predictions
+        )
+        for row in itertools.chain([CSV_HEADER] if header else [], rows):
+            w.writerow(row)
             yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
     elif fmt == "table":
         from rich.console import Console
         from rich.table import Table
