@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py --model efficientnet-lite0 \
 		$(if $(QUICK),--batch 16 --steps 2 --rounds 1,--batch 32 --steps 4 --rounds 2)
 	$(if $(QUICK),,$(BIN)/python benchmarks/train_speed.py --model resnet50v2 --batch 16 --steps 2 --rounds 1)
+	$(if $(BENCH_RUNS),$(BIN)/python benchmarks/time_to_accuracy.py --runs $(BENCH_RUNS))
 	test -f $(BENCH_SPLIT) || $(BIN)/malaria-cells data split --seed 0 --out $(BENCH_SPLIT)
 	$(BIN)/python benchmarks/emfet_compare.py --threads 1 --split $(BENCH_SPLIT) $(if $(BENCH_RUNS),--runs $(BENCH_RUNS)) \
 		$(if $(QUICK),--max-images 2000 --speed-files 200 --repeat 2)

@@ -46,14 +46,12 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import datetime as dt
 import functools
 import hashlib
 import importlib.metadata
 import inspect
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -65,7 +63,7 @@ from typing import Any
 import cv2
 import emfet
 import numpy as np
-from benchinfo import git_state, package_versions
+from benchinfo import machine_info as benchinfo_machine_info
 from emfet.data import DEFAULT_LABEL_MAP as EMFET_LABEL_MAP
 from emfet.data import POSITIVE_CLASS as EMFET_POSITIVE
 from emfet.evaluate import MODEL_SPECS, assert_no_group_leakage, nested_patient_cv
@@ -102,24 +100,8 @@ console = Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def machine_info() -> dict[str, Any]:
-    """Date, cores, platform, package versions and git commit, as the other benchmarks record them."""
-    versions = package_versions(PACKAGES)
-    versions["opencv (cv2)"] = cv2.__version__
-    commit, dirty = git_state()
-    return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu": platform.processor() or platform.machine(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "packages": versions,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "nice": os.nice(0),
-        "thread_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
-        "load_average_start": list(os.getloadavg()),
-    }
+    """The machine block of the JSON (see :func:`benchinfo.machine_info`), with OpenCV's version."""
+    return benchinfo_machine_info(PACKAGES, {"opencv (cv2)": cv2.__version__})
 
 
 # --------------------------------------------------------------------------------------------- data and split
@@ -435,6 +417,20 @@ def run_test_keys(run_dir: Path) -> set[str]:
         return {key_of(r["rel"], int(r["label"])) for r in csv.DictReader(f) if r["split"] == "test"}
 
 
+def run_test_probabilities(run_dir: Path, keys: list[str]) -> np.ndarray | None:
+    """A run's P(Parasitized) per test cell from eval-test/predictions.csv, ordered by ``keys`` (None: any missing)."""
+    path = run_dir / "eval-test" / "predictions.csv"
+    if not path.exists():
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    positive = "Parasitized"
+    by_key = {key_of(r["rel"], int(r["true"] == positive)): float(r["prob_parasitized"]) for r in rows}
+    if not all(k in by_key for k in keys):
+        return None
+    return np.array([by_key[k] for k in keys])
+
+
 def scored(name: str, kind: str, y: np.ndarray, prob: np.ndarray, groups: np.ndarray, threshold: float) -> dict:
     return {
         "name": name,
@@ -582,6 +578,7 @@ def main() -> None:
     agree = float(np.mean(emfet_says == (p_emfet >= 0.5)))
     emfet_name = f"emfet {emfet_version()} {rec['model']}"
     models = [scored(emfet_name, "emfet", y_te, p_emfet, g_te, 0.5)]
+    cell_probs: dict[str, tuple[np.ndarray, float]] = {}  # name -> (P(Parasitized) per test_k cell, threshold)
     models[0]["description"] = "emfet's recommended pipeline, tuned and fitted on our train patients only"
 
     # ---- the shipped model, scored on the same files
@@ -596,6 +593,7 @@ def main() -> None:
     p_shipped = np.array([p.probability for p in preds])
     shipped_name = f"shipped {Path(shipped.source).name}"
     entry = scored(shipped_name, "shipped", y_te, p_shipped, g_te, shipped.threshold)
+    cell_probs[shipped_name] = (p_shipped, shipped.threshold)
     entry["source"] = shipped.source
     entry["description"] = f"{shipped.card.get('model')}, {shipped.card.get('quantization', {}).get('precision', '')}"
     entry["trained_on_this_split"] = shipped_trained_on_split(shipped, split_csv)
@@ -628,6 +626,10 @@ def main() -> None:
                 bootstrap=ev.get("bootstrap"),
                 same_test_cells=same,
             )
+            if same:
+                probs = run_test_probabilities(run_dir, [key_of(im.rel, im.label) for im in test_k])
+                if probs is not None:
+                    cell_probs[entry["name"]] = (probs, float(ev["threshold"]))
         else:
             progress_console.print(f"[yellow]warning:[/] {mpath} is missing: run `malaria-cells evaluate {run}` first")
         run_clfs[entry["name"]] = Classifier.load(run_dir, threads=args.threads)
@@ -664,6 +666,10 @@ def main() -> None:
             "accuracy_ci_above_emfet": m["metrics"]["accuracy"]["low"] > base["metrics"]["accuracy"]["high"],
             "roc_auc_ci_above_emfet": m["metrics"]["roc_auc"]["low"] > base["metrics"]["roc_auc"]["high"],
         }
+        if m["name"] in cell_probs:
+            prob, thr = cell_probs[m["name"]]
+            diff = M.paired_difference_ci(y_te, prob, p_emfet, g_te, thr, 0.5, n_boot=N_BOOT, seed=BOOT_SEED)
+            ratios[m["name"]]["difference_vs_emfet"] = {k: diff[k] for k in ("accuracy", "roc_auc", "mcc")}
     ours = [m for m in models[1:] if m.get("metrics")]
     goals = {
         "every one of our models beats emfet on accuracy": bool(ours)
@@ -721,7 +727,8 @@ def main() -> None:
         },
         "models": models,
         "ratios": ratios,
-        "ratios_are": "ours / emfet (point estimates; speed: medians)",
+        "ratios_are": "ours / emfet (point estimates; speed: medians); difference_vs_emfet: ours - emfet with a paired "
+        "patient bootstrap (same resamples for both), as fractions",
         "goals": goals,
         "goals_cover": [m["name"] for m in ours],
         "runs_without_metrics": [m["name"] for m in models[1:] if not m.get("metrics")],

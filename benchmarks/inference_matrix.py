@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -46,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from benchinfo import git_state, package_versions
+from benchinfo import machine_info as benchinfo_machine_info
 
 if TYPE_CHECKING:  # the child of an ONNX cell must not import torch, so nothing heavy at module level
     from malaria_cells.predict import Classifier
@@ -58,7 +56,6 @@ SHIPPED = {"ort int8": "default.onnx", "ort fp32": "default-fp32.onnx"}  # in --
 BATCHES = (1, 64)
 MODES = ("decoded", "end_to_end")
 PACKAGES = ("malaria-cells", "torch", "timm", "onnxruntime", "onnx", "numpy", "pillow")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 WARMUP_LIMIT_S = 2.0  # skip a batch-64 warm-up call that would take longer than this
 MIN_CALLS = {1: 3}  # at least this many timed calls per batch size (default 1)
 CALIBRATION_CELLS = 64
@@ -68,38 +65,8 @@ CALIBRATION_CELLS = 64
 
 
 def machine_info(packages: tuple[str, ...] = PACKAGES) -> dict[str, Any]:
-    """CPU model, cores, bf16/AMX flags, memory, package versions, date and git commit of this run.
-
-    Shared by the benchmarks of ``make bench`` (``scaling.py`` imports it), so every JSON says the same things.
-    """
-    cpuinfo = ""
-    with contextlib.suppress(OSError):
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), None)
-    flags = set(next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), []))
-    mem_gb = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        line = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
-        mem_gb = round(int(line.split()[1]) / 1024**2, 1)
-    versions: dict[str, str | None] = {"python": platform.python_version(), **package_versions(packages)}
-    commit, dirty = git_state()
-    return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "cpu_model": model or platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_flags": {f: f in flags for f in CPU_FLAGS},
-        "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
-        "memory_gb": mem_gb,
-        "platform": platform.platform(),
-        "packages": versions,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "nice": os.nice(0),
-        "thread_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")},
-        # The machine may be shared: the load average says how busy it was (N cores fully busy = load N).
-        "load_average_start": list(os.getloadavg()),
-    }
+    """The machine block of this benchmark's JSON (see :func:`benchinfo.machine_info`)."""
+    return benchinfo_machine_info(packages)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import math
 import mimetypes
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -44,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from benchinfo import git_state, package_versions
+from benchinfo import machine_info
 from rich.console import Console
 from rich.table import Table
 
@@ -404,22 +402,6 @@ async def load(server: Server, images: list[tuple[str, bytes, str]], args: argpa
 # --------------------------------------------------------------------------------------------- report
 
 
-def machine_info() -> dict[str, Any]:
-    versions = package_versions(PACKAGES)
-    commit, dirty = git_state()
-    return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "packages": versions,
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "nice": os.nice(0),
-    }
-
-
 def print_report(result: dict[str, Any]) -> None:
     run, warm, mem = result["run"], result["warmup"], result["memory"]
     p = result["parameters"]
@@ -512,7 +494,7 @@ def main() -> int:
         return 2
     images = load_images(data, args.files)
     console.print(f"{len(images)} images from {data} ({sum(len(b) for _, b, _ in images) / 1e6:.1f} MB in memory)")
-    machine = machine_info()
+    machine = machine_info(PACKAGES)
     machine["load_average_start"] = list(os.getloadavg())
     server: Server | None = None
     with tempfile.TemporaryDirectory(prefix="load_test_") as tmp:

@@ -282,6 +282,38 @@ def transfer_strategies(path: Path, d: dict) -> list[str]:
     return [*out, ""]
 
 
+def time_to_accuracy(path: Path, d: dict) -> list[str]:
+    """Time to each target validation accuracy, per run, from the runs' own training logs."""
+    targets = d["targets"]
+    rows = []
+    for r in d["rows"]:
+        cells = []
+        for t in targets:
+            hit = r["reached"].get(f"{t:.2f}")
+            cells.append(f"{hit['elapsed_s']:,.0f} s (epoch {hit['epoch']})" if hit else "not reached")
+        rows.append(
+            [
+                f"`{r['run']}`",
+                f"{r['strategy']}, {r['input_size']} px",
+                *cells,
+                rate(r.get("train_images_per_s_median")),
+                r.get("features") or "—",
+            ]
+        )
+    out = heading("Time to a validation accuracy", d["command"], path, d)
+    out += table(
+        ["Run", "Strategy", *(f"≥ {100 * t:.0f} %" for t in targets), "train img/s", "Backbone features"], rows
+    )
+    out += [
+        "",
+        "Wall seconds from the start of each run (feature extraction included when it ran) to the first epoch whose "
+        "validation accuracy (threshold 0.5, validation patients) reached the target; read from the runs' "
+        "`metrics.jsonl`, so the times carry the load the machine had when each run trained (see train img/s). "
+        "A fine-tuned run starts from its frozen run's head: add that run's time.",
+    ]
+    return [*out, ""]
+
+
 def emfet(path: Path, d: dict) -> list[str]:
     """Ours vs emfet on the same test patients: metrics with CIs, end-to-end speed, and ratios to emfet."""
     rows = []
@@ -296,6 +328,7 @@ def emfet(path: Path, d: dict) -> list[str]:
                 *(_format_ci(met[k]) if k in met else "n/a" for k in ("roc_auc", "mcc")),
                 rate(speed),
                 *(f"{r[k]:.3f}" if r.get(k) else "—" for k in ("accuracy", "roc_auc")),
+                _points(r.get("difference_vs_emfet", {}).get("accuracy")),
                 f"{r['cells_per_s']:.1f}×" if r.get("cells_per_s") else "—",
             ]
         )
@@ -317,7 +350,19 @@ def emfet(path: Path, d: dict) -> list[str]:
     if d.get("subsampled"):
         out += ["**Subsampled (`--max-images`): not the full test set.**", ""]
     out += table(
-        ["Model", "Accuracy", "Sensitivity", "Specificity", "ROC AUC", "MCC", "cells/s", "acc ×", "AUC ×", "speed ×"],
+        [
+            "Model",
+            "Accuracy",
+            "Sensitivity",
+            "Specificity",
+            "ROC AUC",
+            "MCC",
+            "cells/s",
+            "acc ×",
+            "AUC ×",
+            "acc − emfet (points)",
+            "speed ×",
+        ],
         rows,
     )
     out += [
@@ -326,7 +371,9 @@ def emfet(path: Path, d: dict) -> list[str]:
         f"sha256 {d['split_sha256'][:12]}); emfet tuned and fitted on the train patients only. 95 % CIs: patient "
         f"bootstrap ({d['bootstrap']['resamples']} resamples). Speed: end to end from files, {sp['files']} files, "
         f"batch {sp['batch_size']}, {sp['threads']} thread(s) per model, median of {sp['repeat']} interleaved rounds. "
-        "Ratios: ours / emfet.",
+        "Ratios: ours / emfet. acc − emfet: accuracy difference in points with a paired patient bootstrap (the same "
+        "resampled patients for both models): an interval above 0 means better than emfet on patients like these, "
+        "one that holds 0 means the two cannot be told apart with this many test patients.",
     ]
     goals = d.get("goals", {})
     if goals:
@@ -334,6 +381,13 @@ def emfet(path: Path, d: dict) -> list[str]:
     if any(not m.get("same_test_cells", True) for m in d["models"]):
         out += ["", "\\* metrics not on the same test cells as emfet's (see the JSON)."]
     return [*out, ""]
+
+
+def _points(v: dict | None) -> str:
+    """A difference of fractions as ``+1.23 (+0.45 to +2.01)`` points, or a dash."""
+    if not v:
+        return "—"
+    return f"{100 * v['value']:+.2f} ({100 * v['low']:+.2f} to {100 * v['high']:+.2f})"
 
 
 def _format_ci(v: dict) -> str:
@@ -444,6 +498,12 @@ def render(results: Path) -> str:
     got = load("transfer_strategies.json")
     if got:
         out += transfer_strategies(*got)
+    got = load("time_to_accuracy.json")
+    out += (
+        time_to_accuracy(*got)
+        if got
+        else missing("Time to a validation accuracy", "python benchmarks/time_to_accuracy.py --runs RUN ...")
+    )
     got = load("emfet.json")
     out += emfet(*got) if got else missing("Ours vs emfet", "python benchmarks/emfet_compare.py --split SPLIT.csv")
     out += deployment(results)

@@ -22,6 +22,7 @@ from malaria_cells.metrics import (
     bootstrap_samples,
     choose_threshold,
     confusion,
+    paired_difference_ci,
     per_patient_table,
     reliability_curve,
 )
@@ -386,6 +387,45 @@ def test_bootstrap_matches_explicit_resampling() -> None:
         expected = binary_metrics(y[idx], prob[idx], 0.4)
         for name in (*METRIC_NAMES, *COUNT_NAMES):
             assert samples[name][r] == pytest.approx(expected[name], nan_ok=True), (r, name)
+
+
+def test_paired_difference_hand_case() -> None:
+    # Patient P1: A right on both cells, B wrong on both; patient P2: both right. Accuracy A 1.0, B 0.5.
+    # Resamples draw (P1, P1) -> difference 1, (P2, P2) -> 0, or one of each -> A 1.0 vs B 0.5 = 0.5.
+    y = np.array([1, 0, 1, 0])
+    prob_a = np.array([0.9, 0.1, 0.8, 0.2])
+    prob_b = np.array([0.1, 0.9, 0.8, 0.2])
+    groups = ["P1", "P1", "P2", "P2"]
+    diff = paired_difference_ci(y, prob_a, prob_b, groups, n_boot=400, seed=0)
+    assert diff["accuracy"]["value"] == pytest.approx(0.5)
+    assert diff["accuracy"]["low"] == pytest.approx(0.0) and diff["accuracy"]["high"] == pytest.approx(1.0)
+    same = paired_difference_ci(y, prob_a, prob_a, groups, n_boot=50)
+    assert all(same[m]["value"] == 0 and same[m]["low"] == 0 == same[m]["high"] for m in ("accuracy", "mcc"))
+
+
+def test_paired_difference_matches_explicit_resampling_and_is_narrower() -> None:
+    # B is A with one extra error per patient: the patients differ a lot, the models by a steady margin. Paired
+    # resampling sees the margin in every replicate; the separate intervals overlap.
+    y, prob_a, groups = _patients(seed=3, n_patients=12)
+    prob_b = prob_a.copy()
+    for g in np.unique(groups):
+        i = np.flatnonzero(groups == g)[0]
+        prob_b[i] = 1.0 - float(y[i])  # certainly wrong
+        prob_a[i] = float(y[i])  # certainly right
+    diff = paired_difference_ci(y, prob_a, prob_b, groups, n_boot=300, seed=2)
+    ids = list(dict.fromkeys(groups.tolist()))
+    draws = np.random.default_rng(2).integers(0, len(ids), size=(300, len(ids)))
+    explicit = []
+    for row in draws:
+        idx = np.concatenate([np.flatnonzero(groups == ids[g]) for g in row])
+        explicit.append(
+            binary_metrics(y[idx], prob_a[idx])["accuracy"] - binary_metrics(y[idx], prob_b[idx])["accuracy"]
+        )
+    assert diff["accuracy"]["low"] == pytest.approx(np.percentile(explicit, 2.5))
+    assert diff["accuracy"]["high"] == pytest.approx(np.percentile(explicit, 97.5))
+    assert diff["accuracy"]["low"] > 0  # the steady margin is detected ...
+    a, b = bootstrap_ci(y, prob_a, groups, n_boot=300, seed=2), bootstrap_ci(y, prob_b, groups, n_boot=300, seed=2)
+    assert a["accuracy"]["low"] < b["accuracy"]["high"]  # ... although the separate intervals overlap
 
 
 def test_bootstrap_deterministic_by_seed() -> None:

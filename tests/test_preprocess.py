@@ -69,3 +69,67 @@ def test_normalize_matches_formula():
     assert x.shape == (2, 3, 4, 4) and x.dtype == np.float32
     assert np.allclose(x, 1.0)
     assert Preprocessing.from_dict(prep.to_dict()) == prep
+
+
+def _pillow_decode(data: bytes) -> np.ndarray:
+    """Pillow's pixels for an encoded image (the reference the imagecodecs WebP path must match)."""
+    from malaria_cells.preprocess import to_rgb
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return np.asarray(to_rgb(img))
+
+
+def _webp_cases() -> list[tuple[str, bytes]]:
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    rgba = Image.fromarray(rng.integers(0, 256, (41, 29, 4), dtype=np.uint8), "RGBA")
+    buf = {}
+    for name, img, kw in [
+        ("lossless", noise, {"lossless": True}),
+        ("lossy", noise, {"quality": 80}),
+        ("alpha-lossless", rgba, {"lossless": True}),  # VP8X header, composited on black
+        ("alpha-lossy", rgba, {"quality": 80}),
+    ]:
+        b = io.BytesIO()
+        img.save(b, "WEBP", **kw)
+        buf[name] = b.getvalue()
+    return list(buf.items())
+
+
+@pytest.mark.parametrize(("kind", "data"), _webp_cases())
+def test_webp_header_size_and_fast_decode_match_pillow(kind, data):
+    from malaria_cells import preprocess
+
+    assert preprocess.webp_size(data) == Image.open(io.BytesIO(data)).size
+    out = np.asarray(decode_image(data))
+    ref = _pillow_decode(data)
+    if kind.endswith("lossless"):
+        assert np.array_equal(out, ref)
+    else:  # lossy: two libwebp builds may round the YUV -> RGB conversion differently
+        assert out.shape == ref.shape and np.abs(out.astype(int) - ref).max() <= 2
+
+
+def test_webp_decode_uses_imagecodecs_and_matches_pillow_on_share(share):
+    from malaria_cells import preprocess
+
+    assert preprocess.imagecodecs is not None  # a dependency: without it WebP decoding is ~1.6x slower
+    files = sorted((share / "Parasitized").glob("*.webp"))[:40] + sorted((share / "Uninfected").glob("*.webp"))[:40]
+    for f in files:
+        data = f.read_bytes()
+        assert preprocess._decode_webp(data, name=str(f), max_pixels=preprocess.MAX_PIXELS) is not None
+        assert np.array_equal(np.asarray(decode_image(data)), _pillow_decode(data)), f
+
+
+@pytest.mark.parametrize("cut", [40, 200])
+def test_truncated_webp_gets_pillows_reason(cut):
+    data = _webp_cases()[0][1]
+    with pytest.raises(ImageError, match="truncated|not an image"):
+        decode_image(data[:cut], name="cut.webp")
+
+
+def test_webp_bomb_refused_from_header():
+    b = io.BytesIO()
+    Image.new("RGB", (7000, 7000)).save(b, "WEBP", lossless=True)
+    with pytest.raises(ImageError, match="too many pixels"):
+        decode_image(b.getvalue(), name="bomb.webp", max_pixels=40_000_000)

@@ -22,11 +22,12 @@ from malaria_cells.config import resolve_config
 from malaria_cells.data import scan
 from malaria_cells.models import build_model, to_input
 from malaria_cells.preprocess import Preprocessing
-from malaria_cells.train import train
+from malaria_cells.train import load_run_model, resolve_model_defaults, train
 from malaria_cells.transfer import cut_index, stage_groups
 from malaria_cells.weights import WeightsUnavailable, load_pretrained
 
 LITE0 = "efficientnet-lite0"
+HEAD_PARAMS = 1280 * 128 + 128 + 128 + 1  # Linear(1280, 128) + Linear(128, 1): the default head
 FAST = dict(model=LITE0, input_size=32, batch_size=16, epochs=2, patience=100, threads=1)
 
 
@@ -74,13 +75,14 @@ def test_frozen_trains_only_the_head(frozen_run: Path) -> None:
     for weights in (best, last):
         for k, v in backbone.items():  # parameters and BN buffers (running stats, batch counters) alike
             assert torch.equal(weights[k], v), k
-    assert not torch.equal(best["head.weight"], start.head.weight)
+    assert not torch.equal(best["head.0.weight"], start.head[0].weight)
 
     meta = json.loads((frozen_run / "metadata.json").read_text())
     assert meta["strategy"] == "frozen" and meta["weights"] == "imagenet"
     assert meta["weights_info"]["sha256"].startswith("57934424")
     assert meta["preprocessing"]["mean"] == [0.5, 0.5, 0.5] and meta["preprocessing"]["std"] == [0.5, 0.5, 0.5]
-    assert meta["trainable_parameters"] == 1281  # Linear(1280, 1)
+    assert meta["head_hidden"] == 128
+    assert meta["trainable_parameters"] == HEAD_PARAMS
     counts = {r["split"]: r["images"] for r in meta["split_counts"]}
     ext = meta["transfer"]["extraction"]
     assert ext["computed"] == 2 * counts["train"] + counts["val"] and ext["reused"] == 0  # 2 views of train
@@ -135,9 +137,43 @@ def test_finetune_moves_only_the_unfrozen_stages(workdir: Path, frozen_run: Path
         assert any(not torch.equal(start[k], end[k]) for k in params), "an unfrozen stage did not train"
         stats = [k for k in keys if k.endswith("running_mean")]
         assert any(not torch.equal(start[k], end[k]) for k in stats), "unfrozen BN should update its statistics"
-    assert not torch.equal(start["head.weight"], end["head.weight"])
+    assert not torch.equal(start["head.3.weight"], end["head.3.weight"])
     top = sum(p.numel() for g in stage_groups(model.backbone)[cut:] for p in g.parameters())
-    assert meta["trainable_parameters"] == top + 1281  # the top stages and the head, nothing else
+    assert meta["trainable_parameters"] == top + HEAD_PARAMS  # the top stages and the head, nothing else
+
+
+def test_head_option_builds_linear_or_mlp_heads() -> None:
+    assert isinstance(build_model(LITE0, head_hidden=0).head, torch.nn.Linear)
+    mlp = build_model(LITE0).head  # the registry's default
+    assert [type(m) for m in mlp] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Dropout, torch.nn.Linear]
+    assert sum(p.numel() for p in mlp.parameters()) == HEAD_PARAMS
+    with pytest.raises(ValueError, match="fixed head"):
+        build_model("custom-cnn", head_hidden=64)
+
+
+def test_run_from_before_the_head_option_loads_with_a_linear_head(tmp_path: Path, frozen_run: Path) -> None:
+    # Runs made before head_hidden existed have no such key in metadata.json and a Linear(1280, 1) head.
+    old = tmp_path / "old-run"
+    old.mkdir()
+    meta = json.loads((frozen_run / "metadata.json").read_text())
+    del meta["head_hidden"]
+    (old / "metadata.json").write_text(json.dumps(meta))
+    linear = build_model(LITE0, head_hidden=0)
+    save_file({k: v.contiguous() for k, v in linear.state_dict().items()}, str(old / "best.safetensors"))
+    model, _ = load_run_model(old)
+    assert isinstance(model.head, torch.nn.Linear)
+    assert torch.equal(model.head.weight, linear.head.weight)
+
+
+def test_finetune_keeps_its_init_runs_head(workdir: Path, frozen_run: Path) -> None:
+    inherited = resolve_model_defaults(_config(workdir, strategy="finetune", init_from=str(frozen_run)))
+    assert inherited.head_hidden == 128  # from the frozen run's metadata
+    with pytest.raises(ValueError, match="pass --head-hidden 128"):
+        train(
+            config=_config(workdir, strategy="finetune", init_from=str(frozen_run), head_hidden=0),
+            data_dir=workdir / "cells",
+            run_dir=workdir / "finetune-wrong-head",
+        )
 
 
 def test_missing_imagenet_weights_stop_training(tmp_path: Path, synthetic_data: Path, monkeypatch) -> None:
@@ -178,4 +214,4 @@ def test_resnet50v2_frozen_from_a_local_file(tmp_path: Path, synthetic_data: Pat
     assert torch.equal(best["backbone.stages.3.blocks.2.conv3.weight"], state["stages.3.blocks.2.conv3.weight"])
     meta = json.loads((run / "metadata.json").read_text())
     assert meta["weights_info"]["file"] == str(tmp_path / "r50.safetensors")
-    assert meta["trainable_parameters"] == 2049
+    assert meta["trainable_parameters"] == 2048 * 128 + 128 + 128 + 1  # the default head on 2048 features

@@ -193,6 +193,9 @@ def train_cmd(
     batch_size: Annotated[int | None, typer.Option(help="Images per step (default 64).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: model's).")] = None,
     unfreeze_stages: Annotated[int | None, typer.Option(help="finetune: top stages that train.")] = None,
+    head_hidden: Annotated[
+        int | None, typer.Option(help="timm models: hidden units of the head, 0 = linear (default: model's).")
+    ] = None,
     patience: Annotated[int | None, typer.Option(help="Early stopping patience in epochs (default 5).")] = None,
     max_images: Annotated[int | None, typer.Option(help="Class-balanced subset size (quick runs).")] = None,
     split: Annotated[str | None, typer.Option(help="patient (default) | image-leaky (audit only).")] = None,
@@ -230,6 +233,7 @@ def train_cmd(
                     batch_size=batch_size,
                     lr=lr,
                     unfreeze_stages=unfreeze_stages,
+                    head_hidden=head_hidden,
                     patience=patience,
                     max_images=max_images,
                     split=split,

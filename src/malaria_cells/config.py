@@ -30,6 +30,7 @@ class TrainConfig:
     lr: float | None = None  # peak learning rate (AdamW); None = the model's default
     backbone_lr_scale: float = 0.1  # finetune: backbone lr = lr * this (0-1]
     unfreeze_stages: int = 2  # finetune: top backbone stages that train (frozen: whose input it caches for one)
+    head_hidden: int | None = None  # timm models: hidden units of the head (0 = linear); None = the model's default
     feature_views: int = 2  # frozen/finetune: cached dihedral views per training cell (1-8; 1 when augment is off)
     weight_decay: float = 0.05  # AdamW decoupled weight decay
     warmup_epochs: float = 1.0  # linear warm-up before the cosine decay, in epochs

@@ -226,8 +226,8 @@ class Classifier:
     def __init__(self, backend: _OnnxBackend | _TorchBackend, *, source: str, threads: int | None = None) -> None:
         meta = backend.meta
         self._backend = backend
-        # Decoding threads: PIL releases the GIL while it decodes and resizes, so a batch of files decodes on
-        # every core (end to end, decoding costs about as much as the model).
+        # Decoding threads: imagecodecs (WebP) and Pillow (other formats, resizing) release the GIL while they
+        # work, so a batch of files decodes on every core (end to end, decoding costs about as much as the model).
         n = threads or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="decode") if n > 1 else None  # threads start on use
         self.backend: str = backend.name

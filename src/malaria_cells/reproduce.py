@@ -103,8 +103,8 @@ COMBOS: tuple[Combo, ...] = (
 )
 # The leakage audit retrains each of these rows that completed on a by-image split (or, when none did, the first row
 # that did). The frozen Lite0 head is the cheapest to train again (its backbone features are cached: same cells,
-# other split) but a linear head on fixed ImageNet features has little capacity to learn a patient's look; the
-# custom CNN learns every layer from these cells, like the published models, so it is the audit that matters.
+# other split) but a head on fixed ImageNet features has less room to learn a patient's look; the custom CNN
+# learns every layer from these cells, like the published models, so it is the audit that matters.
 AUDIT_ROWS: tuple[str, ...] = ("efficientnet-lite0-frozen", "custom-cnn-scratch")
 METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc", "mcc")
 

@@ -108,7 +108,7 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-# A frozen backbone leaves only a linear head to train, on cached features (seconds per epoch): it gets more
+# A frozen backbone leaves only the head to train, on cached features (seconds per epoch): it gets more
 # epochs and a higher peak lr than the registry's defaults. Measured on validation patients of the --quick subset
 # (Lite0, 2000 cells): lr 1e-3 x 10 epochs reached val AUC 0.956 and was still improving; 3e-3 x 40 reached 0.971
 # (best epoch 13; early stopping ends such runs); 1e-2 and 3e-2 were no better. Fine-tuning (3 epochs from that
@@ -131,6 +131,15 @@ def resolve_model_defaults(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"model {config.model} supports strategies {', '.join(spec.strategies)}, not {strategy!r}")
     weights = config.weights or (spec.weights if strategy != "scratch" else "none")
     defaults = {"epochs": spec.epochs, "lr": spec.lr, **STRATEGY_DEFAULTS.get(strategy, {})}
+    head_hidden = config.head_hidden
+    if spec.head_hidden is None:
+        if head_hidden:
+            raise ValueError(f"{config.model} has a fixed head; head_hidden applies to the timm models only")
+    elif head_hidden is None:
+        # A run that starts from another run's weights has that run's head (runs before the option: linear).
+        init_meta = Path(config.init_from or "") / "metadata.json"
+        from_init = strategy == "finetune" and config.init_from and init_meta.exists()
+        head_hidden = json.loads(init_meta.read_text()).get("head_hidden", 0) if from_init else spec.head_hidden
     return dataclasses.replace(
         config,
         strategy=strategy,
@@ -138,6 +147,7 @@ def resolve_model_defaults(config: TrainConfig) -> TrainConfig:
         input_size=config.input_size or spec.input_size,
         epochs=config.epochs if config.epochs is not None else defaults["epochs"],
         lr=config.lr if config.lr is not None else defaults["lr"],
+        head_hidden=head_hidden,
     )
 
 
@@ -241,7 +251,9 @@ def load_run_model(run_dir: Path, *, which: str = "best", device: torch.device |
     """
     run_dir = Path(run_dir)
     meta = json.loads((run_dir / "metadata.json").read_text())
-    model = build_model(meta["model"])
+    # Runs made before the head option had a linear head on the timm models.
+    head_hidden = meta.get("head_hidden", 0) if meta.get("timm_arch") else None
+    model = build_model(meta["model"], head_hidden=head_hidden)
     model.load_state_dict(load_file(str(run_dir / f"{which}.safetensors")))
     model.to(device).eval()
     return model, meta
@@ -285,7 +297,7 @@ def load_initial_model(config: TrainConfig) -> tuple[nn.Module, Preprocessing, d
     """
     spec = get_spec(config.model)
     torch.manual_seed(config.seed)  # the initialisation of the head (scratch: of everything)
-    model = build_model(config.model)
+    model = build_model(config.model, head_hidden=config.head_hidden)
     if config.strategy == "scratch":
         if config.weights not in (None, "none"):
             raise ValueError(
@@ -308,6 +320,11 @@ def load_initial_model(config: TrainConfig) -> tuple[nn.Module, Preprocessing, d
             raise ValueError(
                 f"init_from {init} was trained at {meta['preprocessing']['input_size']} px; pass --input-size "
                 f"{meta['preprocessing']['input_size']}"
+            )
+        if meta.get("head_hidden", 0) != config.head_hidden:
+            raise ValueError(
+                f"init_from {init} has a head with {meta.get('head_hidden', 0)} hidden units; pass --head-hidden "
+                f"{meta.get('head_hidden', 0)}"
             )
         model.load_state_dict(load_file(str(init / "best.safetensors")))
         info = {**meta.get("weights_info", {}), "init_from": str(init), "init_from_strategy": meta.get("strategy")}
@@ -880,6 +897,7 @@ def finalize(
         "weights_info": weights_info,
         "init_from": config.init_from if config.strategy == "finetune" else None,
         "timm_arch": get_spec(config.model).timm_arch,
+        "head_hidden": config.head_hidden,
         "preprocessing": prep.to_dict(),
         "class_names": list(CLASSES),
         "positive_class": CLASSES[POSITIVE],

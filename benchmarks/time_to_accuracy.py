@@ -1,0 +1,104 @@
+"""Time to reach a given validation accuracy, per trained run, from its own training log.
+
+Reads each run folder's ``metrics.jsonl`` (one row per epoch: validation accuracy at threshold 0.5 on the
+validation patients, and ``elapsed_s``: wall seconds since the run began, backbone feature extraction included)
+and ``metadata.json``; for every target accuracy it reports the first epoch that reached it and the time it took.
+No training happens here: the numbers are those of the runs as they were trained (``malaria-cells reproduce`` or
+``malaria-cells train``), on whatever load the machine had then (each run's median train images/s is shown).
+A frozen or fine-tuned run whose backbone outputs came from the feature cache says so: its time excludes the
+extraction, whose measured seconds per cell (from the cache's record) are given beside it.
+
+Run: .venv/bin/python benchmarks/time_to_accuracy.py --runs RUN [RUN ...] [--targets 0.90 0.93 0.95 0.96]
+Writes benchmarks/results/time_to_accuracy.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchinfo import machine_info
+from rich.console import Console
+from rich.table import Table
+
+from malaria_cells.io import atomic_write_json
+from malaria_cells.train import read_history
+
+
+def run_row(run_dir: Path, targets: list[float]) -> dict:
+    """Targets reached, with epoch and seconds, and how the run was set up."""
+    meta = json.loads((run_dir / "metadata.json").read_text())
+    history = read_history(run_dir)
+    transfer = meta.get("transfer") or {}
+    extraction = transfer.get("extraction") or {}
+    store = transfer.get("pooled_store") or transfer.get("activation_store") or {}
+    features = None
+    if meta["strategy"] != "scratch":
+        computed = extraction.get("computed", 0)
+        features = (
+            f"extracted in this run: {computed:,} cell-views in {extraction.get('seconds', 0):.0f} s"
+            if computed
+            else "from the feature cache (extraction not in the times)"
+        )
+        if not computed and store.get("file"):
+            rec = Path(store["file"]).with_suffix(".json")
+            if rec.exists():
+                per = json.loads(rec.read_text()).get("seconds_per_item")
+                if per:
+                    features += f"; the cache's last extraction ran at {1 / per:,.0f} cell-views/s"
+    reached = {}
+    for t in targets:
+        hit = next((r for r in history if r.get("val_accuracy", 0) >= t), None)
+        reached[f"{t:.2f}"] = {"epoch": hit["epoch"], "elapsed_s": hit["elapsed_s"]} if hit else None
+    return {
+        "run": str(run_dir),
+        "model": meta["model"],
+        "strategy": meta["strategy"],
+        "input_size": meta["preprocessing"]["input_size"],
+        "epochs_run": len(history),
+        "best_val_accuracy_at_0_5": max((r.get("val_accuracy", 0) for r in history), default=None),
+        "train_images_per_s_median": meta.get("train_images_per_s_median"),
+        "setup_s": meta.get("setup_s"),
+        "features": features,
+        "reached": reached,
+        "val_cells": (meta.get("val_metrics_at_threshold") or {}).get("n"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="+", required=True)
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.90, 0.93, 0.95, 0.96])
+    ap.add_argument("--out", default="benchmarks/results/time_to_accuracy.json")
+    args = ap.parse_args()
+    rows = [run_row(Path(r), args.targets) for r in args.runs if (Path(r) / "metadata.json").exists()]
+    table = Table(title="Time to a validation accuracy (threshold 0.5, validation patients), from each run's log")
+    table.add_column("run")
+    table.add_column("strategy")
+    for t in args.targets:
+        table.add_column(f">= {100 * t:.0f} %", justify="right")
+    table.add_column("train img/s", justify="right")
+    for r in rows:
+        cells = []
+        for t in args.targets:
+            hit = r["reached"][f"{t:.2f}"]
+            cells.append(f"{hit['elapsed_s']:,.0f} s (ep {hit['epoch']})" if hit else "not reached")
+        ips = r["train_images_per_s_median"]
+        table.add_row(r["run"], r["strategy"], *cells, f"{ips:,.0f}" if ips else "—")
+    Console().print(table)
+    atomic_write_json(
+        Path(args.out),
+        {
+            "benchmark": "time_to_accuracy",
+            "command": "python benchmarks/time_to_accuracy.py --runs " + " ".join(args.runs),
+            "targets": args.targets,
+            "rows": rows,
+            "machine": machine_info(["malaria-cells", "torch", "timm"]),
+        },
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
