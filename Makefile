@@ -15,9 +15,11 @@ QUICK := $(findstring --quick,$(BENCH_ARGS))
 # emfet_compare.py needs a by-patient split: the shipped model's run's when it is there, else the same one
 # (`data split`, seed 0, the defaults `train` uses) made on the spot.
 BENCH_SPLIT := $(or $(wildcard runs/custom-cnn-48/split.csv),benchmarks/results/split.csv)
-# emfet runs at 1 thread, its fastest: its forest's n_jobs=2 made it slower here (609 -> 371 cells/s), and every model
-# gets the same thread count. Our trained runs (where this machine has them) are put beside emfet too: their test metrics come from their own
-# evaluation on the same test patients, their speed is measured in the same run.
+# emfet runs at 1 thread, its fastest: its forest's n_jobs=2 made it slower here (770 -> 414 cells/s,
+# emfet_threads2.json), and every model gets the same thread count; the full run also measures 2 threads each and ours
+# with a decoding process (emfet_decode_processes.json). Our trained runs (where this machine has them) are put beside
+# emfet too: their test metrics come from their own evaluation on the same test patients, their speed is measured in
+# the same run.
 BENCH_RUNS := $(wildcard runs/custom-cnn-48 runs/reproduce-full/custom-cnn-scratch \
 	runs/reproduce-full/efficientnet-lite0-frozen runs/reproduce-full/efficientnet-lite0-finetune)
 
@@ -45,6 +47,11 @@ bench: $(STAMP)
 	test -f $(BENCH_SPLIT) || $(BIN)/malaria-cells data split --seed 0 --out $(BENCH_SPLIT)
 	$(BIN)/python benchmarks/emfet_compare.py --threads 1 --split $(BENCH_SPLIT) $(if $(BENCH_RUNS),--runs $(BENCH_RUNS)) \
 		$(if $(QUICK),--max-images 2000 --speed-files 200 --repeat 2)
+	$(if $(QUICK),,$(BIN)/python benchmarks/emfet_compare.py --threads 2 --split $(BENCH_SPLIT) \
+		--out benchmarks/results/emfet_threads2.json)
+	$(if $(QUICK),,$(BIN)/python benchmarks/emfet_compare.py --threads 1 --decode-processes 1 --split $(BENCH_SPLIT) \
+		--out benchmarks/results/emfet_decode_processes.json)
+	$(if $(QUICK),,$(BIN)/python benchmarks/decode_speed.py)
 	$(BIN)/python benchmarks/report.py
 
 benchmarks: bench

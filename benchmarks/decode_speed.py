@@ -4,7 +4,9 @@ Decoders: Pillow (what ``malaria_cells.preprocess`` used before imagecodecs), im
 uses now), and OpenCV when it is installed (emfet's decoder, for reference). Each is timed decoding only and
 decoding + the 48 px letterbox, on 1 thread and in a pool of all cores (as ``Classifier`` decodes a batch), on the
 same in-memory file bytes (disk reads excluded; the OS cache serves them anyway). Then the shipped model end to
-end from files (``Classifier.predict``: read, decode, letterbox, ONNX int8), with each decoder and thread count.
+end from files (``Classifier.predict``: read, decode, letterbox, ONNX int8, batch 64): model threads x decode
+threads in this process, then decode processes pipelined ahead of the model (``decode_processes``: what
+``malaria-cells predict`` uses for large inputs), split half/half and all/all.
 Rounds are interleaved (every variant once per round, so a change of load hits all alike); medians are reported.
 
 Run: .venv/bin/python benchmarks/decode_speed.py [--data DIR] [--files 512] [--repeat 5]
@@ -99,11 +101,16 @@ def main() -> None:
                     if pool is None
                     else (lambda fn=fn, pool=pool: list(pool.map(fn, blobs)))
                 )
-    for threads in pools:
-        clf = Classifier.load(args.model, threads=threads)
-        variants[f"Pillow | end to end, shipped model | {threads}"] = lambda clf=clf: _pillow_predict(clf, paths)
+    # End to end: threads only (the model and the decode threads share the cores), then decode processes.
+    clfs = []
+    for threads, procs in [(1, 0), *([(cores, 0), (cores - cores // 2, cores // 2), (cores, cores)] * (cores > 1))]:
+        clf = Classifier.load(args.model, threads=threads, decode_processes=procs)
+        clfs.append(clf)
+        label = f"{threads} | {procs}"
+        if procs == 0:
+            variants[f"Pillow | end to end, shipped model | {label}"] = lambda clf=clf: _pillow_predict(clf, paths)
         if preprocess.imagecodecs is not None:
-            variants[f"imagecodecs | end to end, shipped model | {threads}"] = lambda clf=clf: clf.predict(paths)
+            variants[f"imagecodecs | end to end, shipped model | {label}"] = lambda clf=clf: clf.predict(paths)
 
     for fn in variants.values():  # warm-up: thread pools, ONNX sessions
         fn()
@@ -113,19 +120,38 @@ def main() -> None:
             t0 = time.perf_counter()
             fn()
             rates[k].append(len(blobs) / (time.perf_counter() - t0))
+    for clf in clfs:
+        clf.close()
     rows = []
     for k, r in rates.items():
-        decoder, stage, threads = k.split(" | ")
-        rows.append({"decoder": decoder, "stage": stage, "threads": int(threads), "cells_per_s": statistics.median(r)})
+        decoder, stage, threads, *procs = k.split(" | ")
+        rows.append(
+            {
+                "decoder": decoder,
+                "stage": stage,
+                "threads": int(threads),  # decode threads; end to end, the model's threads
+                "decode_processes": int(procs[0]) if procs else 0,
+                "cells_per_s": statistics.median(r),
+            }
+        )
+    # The reference: Pillow in this process with the same threads (all cores for the rows with processes).
     base = {(r["stage"], r["threads"]): r["cells_per_s"] for r in rows if r["decoder"] == "Pillow"}
     for r in rows:
-        r["vs_pillow"] = r["cells_per_s"] / base[(r["stage"], r["threads"])]
+        ref = base.get((r["stage"], r["threads"])) if not r["decode_processes"] else base.get((r["stage"], cores))
+        r["vs_pillow"] = r["cells_per_s"] / ref if ref else None
 
     table = Table(title=f"WebP -> model input, {len(blobs)} share files, median of {args.repeat} interleaved rounds")
-    for col in ("stage", "decoder", "threads", "cells/s", "vs Pillow"):
-        table.add_column(col, justify="right" if col in ("threads", "cells/s", "vs Pillow") else "left")
-    for r in sorted(rows, key=lambda r: (r["stage"], r["threads"], r["decoder"])):
-        table.add_row(r["stage"], r["decoder"], str(r["threads"]), f"{r['cells_per_s']:,.0f}", f"{r['vs_pillow']:.2f}x")
+    for col in ("stage", "decoder", "threads", "decode processes", "cells/s", "vs Pillow"):
+        table.add_column(col, justify="left" if col in ("stage", "decoder") else "right")
+    for r in sorted(rows, key=lambda r: (r["stage"], r["decode_processes"], r["threads"], r["decoder"])):
+        table.add_row(
+            r["stage"],
+            r["decoder"],
+            str(r["threads"]),
+            str(r["decode_processes"]),
+            f"{r['cells_per_s']:,.0f}",
+            f"{r['vs_pillow']:.2f}x" if r["vs_pillow"] else "—",
+        )
     Console().print(table)
     machine = machine_info(
         ["pillow", "imagecodecs", "onnxruntime", "numpy"], {"opencv": cv2.__version__} if cv2 else {}

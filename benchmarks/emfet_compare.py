@@ -37,7 +37,8 @@ version, the feature config, OpenCV's version, the data root and the file list.
 
 Run: .venv/bin/python benchmarks/emfet_compare.py [--data ../shared/nih-cell-images]
      [--split runs/custom-cnn-48/split.csv] [--runs runs/custom-cnn-48 ...] [--threads 1] [--jobs -1]
-     [--workers N] [--speed-files 500] [--repeat 5] [--max-images N] [--out benchmarks/results/emfet.json]
+     [--decode-processes 0] [--workers N] [--speed-files 500] [--repeat 5] [--max-images N]
+     [--out benchmarks/results/emfet.json]
 Writes benchmarks/results/emfet.json.
 """
 
@@ -501,6 +502,13 @@ def main() -> None:
     ap.add_argument("--runs", nargs="*", default=[], help="run folders to add (metrics from eval-test/metrics.json)")
     ap.add_argument("--shipped-model", default=None, help="ONNX file (default: what Classifier.load() loads)")
     ap.add_argument("--threads", type=int, default=1, help="threads per model in the speed test (all models alike)")
+    ap.add_argument(
+        "--decode-processes",
+        type=int,
+        default=0,
+        help="our models: processes decoding files ahead of the model (malaria-cells predict's large-input mode); "
+        "emfet has no such mode, so N > 0 gives ours N more cores than emfet",
+    )
     ap.add_argument("--jobs", type=int, default=-1, help="parallel fits in emfet's search (emfet: -1 = all cores)")
     ap.add_argument("--workers", type=int, default=None, help="feature-extraction processes (default: all cores)")
     ap.add_argument("--speed-files", type=int, default=500)
@@ -583,7 +591,7 @@ def main() -> None:
 
     # ---- the shipped model, scored on the same files
     test_paths = [im.path for im in test_k]
-    shipped = Classifier.load(args.shipped_model, threads=args.threads)
+    shipped = Classifier.load(args.shipped_model, threads=args.threads, decode_processes=args.decode_processes)
     with make_progress(transient=True) as progress:
         task = progress.add_task(f"shipped model on {len(test_paths):,} test cells", total=len(test_paths))
         preds = shipped.predict(test_paths, batch_size=args.batch_size, progress=lambda n: progress.advance(task, n))
@@ -632,7 +640,7 @@ def main() -> None:
                     cell_probs[entry["name"]] = (probs, float(ev["threshold"]))
         else:
             progress_console.print(f"[yellow]warning:[/] {mpath} is missing: run `malaria-cells evaluate {run}` first")
-        run_clfs[entry["name"]] = Classifier.load(run_dir, threads=args.threads)
+        run_clfs[entry["name"]] = Classifier.load(run_dir, threads=args.threads, decode_processes=args.decode_processes)
         models.append(entry)
 
     # ---- speed, end to end, interleaved
@@ -722,6 +730,7 @@ def main() -> None:
             "repeat": args.repeat,
             "batch_size": args.batch_size,
             "threads": args.threads,
+            "decode_processes": args.decode_processes,
             "what": "end to end per batch: read file, decode, features (emfet) or letterbox (ours), P(Parasitized); "
             "one warm-up batch per model; interleaved rounds; cells/s median (and best) over rounds",
         },

@@ -257,6 +257,38 @@ def test_iter_predict_streams_one_batch_at_a_time(onnx_clf: Classifier, folder: 
     assert rest[-1].probability == pytest.approx(onnx_clf.predict(folder / "sub" / "c.png")[0].probability)
 
 
+def test_decode_processes_give_the_same_results_in_order(base: Path, folder: Path) -> None:
+    # Files decode in worker processes, ahead of the model; in-memory images in between decode here; errors keep
+    # their place. Everything must match decoding in this process, in input order.
+    consumed = 0
+    names = ["a.png", "corrupt.png", "b.png", "notes.png", "missing.png", "sub/c.png"]
+
+    def items():
+        nonlocal consumed
+        for i in range(40):
+            for name in names:
+                consumed += 1
+                yield folder / name
+            if i == 20:
+                consumed += 1
+                yield np.asarray(Image.open(folder / "a.png").convert("RGB"))
+
+    here = Classifier.load(tiny_onnx(base), threads=1)
+    procs = Classifier.load(tiny_onnx(base), threads=1, decode_processes=2)
+    try:
+        expected = here.predict(list(items()), batch_size=5)
+        consumed = 0
+        stream = procs.iter_predict(items(), batch_size=5)
+        first = next(stream)
+        assert consumed <= 5 * (P.LOOKAHEAD_CHUNKS + 1)  # streams: a bounded number of chunks read ahead
+        got = [first, *stream]
+    finally:
+        procs.close()
+    assert [(p.source, p.ok, p.error is None) for p in got] == [(p.source, p.ok, p.error is None) for p in expected]
+    assert [p.error for p in got] == [p.error for p in expected]
+    assert [p.probability for p in got] == pytest.approx([p.probability for p in expected])
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_cli_predict_shards_concatenate_to_the_whole(base: Path, folder: Path, tmp_path: Path, fmt: str) -> None:
     model = str(tiny_onnx(base))

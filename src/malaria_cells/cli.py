@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -339,7 +340,17 @@ def predict_cmd(
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | csv | jsonl | json")] = "table",
     out: Annotated[Path | None, typer.Option(help="Write the results here instead of standard output.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per model call.")] = 64,
-    threads: Annotated[int | None, typer.Option(help="Inference threads (default: all cores).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Inference threads (default: all cores, or those decoding processes leave).")
+    ] = None,
+    decode_processes: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Processes that decode files while the model runs (default: half the cores from 4 batches of "
+            "files up, the model getting the other half; else 0 = decode in this process).",
+        ),
+    ] = None,
     shard: Annotated[
         str | None,
         typer.Option(
@@ -381,8 +392,16 @@ def predict_cmd(
     start, stop = shard_bounds(n_files, index=index, count=count)
     if n_files == 0:
         _fail("no input files")
+    cores = len(os.sched_getaffinity(0))
+    if decode_processes is None:
+        # Starting a process costs ~0.3 s: worth it only for many files, on more than one core. Decoding a cell
+        # costs about what the shipped model does, so half the cores decode and half run the model
+        # (benchmarks/decode_speed.py: 2 cores, 1 + 1 beat 2 model threads + 2 processes and threads alone).
+        decode_processes = cores // 2 if cores > 1 and stop - start >= 4 * batch_size else 0
+    if threads is None and decode_processes:
+        threads = max(1, cores - decode_processes)
     try:
-        clf = Classifier.load(model, threads=threads)
+        clf = Classifier.load(model, threads=threads, decode_processes=decode_processes)
     except ModelError as e:
         _fail(str(e))
     failed = total = 0
@@ -417,6 +436,7 @@ def predict_cmd(
         atomic_write(out, to_file)  # a killed run leaves no half-written results file
     else:
         write(sys.stdout)
+    clf.close()
     part = f" (shard {index + 1}/{count}: inputs {start + 1}-{stop} of {n_files:,})" if shard else ""
     summary = f"{total - failed} classified, {failed} failed{part}"
     console.print(f"[{'yellow' if failed else 'green'}]{summary}[/]" + (f" -> {out}" if out else ""))

@@ -11,21 +11,17 @@ run at a time.
 from __future__ import annotations
 
 import csv
-import time
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from malaria_cells import metrics as M
-from malaria_cells.cache import build_or_load
 from malaria_cells.config import load_config
-from malaria_cells.data import scan
-from malaria_cells.evaluate import image_key, select_images
-from malaria_cells.models import default_device, predict_logits, set_threads, sigmoid
-from malaria_cells.preprocess import Preprocessing
-from malaria_cells.progress import console, make_progress
-from malaria_cells.train import load_run_model
+from malaria_cells.evaluate import image_key, predict_split
+from malaria_cells.models import set_threads
+from malaria_cells.progress import console
 
 N_VIEWS = 8  # the dihedral group of the square: 4 rotations x optional mirror
 
@@ -72,32 +68,14 @@ def run_probabilities(
     Returns:
         The probabilities, in the data source's order.
     """
-    model, meta = load_run_model(Path(run_dir), device=default_device())
-    prep = Preprocessing.from_dict(meta["preprocessing"])
-    found = scan(data_dir)
-    images, _ = select_images(run_dir=Path(run_dir), images=found.images, split=split)
-    cache = build_or_load(images=images, size=prep.input_size, root=found.root)
-    keep = np.flatnonzero(cache.ok)
-    arr = np.asarray(cache.array[keep])
-    views = range(N_VIEWS) if tta else range(1)
-    prob = np.zeros(len(keep))
-    t0 = time.perf_counter()
-    with make_progress(transient=True) as progress:
-        task = progress.add_task(f"{meta['model']}: {split}, {len(views)} view(s)", total=len(keep) * len(views))
-        for v in views:
-            x = np.ascontiguousarray(dihedral(arr, v))
-            logits = predict_logits(
-                model, x, prep=prep, batch_size=batch_size, progress=lambda n: progress.advance(task, n)
-            )
-            prob += sigmoid(logits)
-    elapsed = time.perf_counter() - t0
-    chosen = [images[i] for i in keep]
+    views = [functools.partial(dihedral, view=v) for v in range(N_VIEWS)] if tta else []
+    pred = predict_split(run_dir=Path(run_dir), data_dir=data_dir, split=split, views=views, batch_size=batch_size)
     return Probabilities(
-        keys=[image_key(im) for im in chosen],
-        y=np.array([im.label for im in chosen], dtype=np.int64),
-        groups=np.array([im.patient for im in chosen]),
-        prob=prob / len(views),
-        cells_per_s=len(keep) / elapsed if elapsed > 0 else float("nan"),
+        keys=[image_key(im) for im in pred.images],
+        y=np.array([im.label for im in pred.images], dtype=np.int64),
+        groups=np.array([im.patient for im in pred.images]),
+        prob=pred.prob,
+        cells_per_s=pred.cells_per_s if pred.cells_per_s is not None else float("nan"),
     )
 
 

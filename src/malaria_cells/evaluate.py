@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,71 @@ def select_images(*, run_dir: Path, images: list[CellImage], split: str) -> tupl
     return chosen, []
 
 
+@dataclass(frozen=True)
+class SplitPredictions:
+    """A run's P(Parasitized) for the decodable cells of one split."""
+
+    meta: dict  # the run's metadata.json
+    images: list[CellImage]  # the cells scored, in the data source's order
+    prob: np.ndarray  # P(Parasitized), averaged over the views
+    overlap: list[str]  # patients of the data that were in the run's train/val split (see select_images)
+    skipped: list[tuple[str, str]]  # (path, reason) of files that could not be used
+    cells_per_s: float | None  # inference speed, every view included
+
+
+def predict_split(
+    *,
+    run_dir: Path,
+    data_dir: Path,
+    split: str,
+    views: Sequence[Callable[[np.ndarray], np.ndarray]] = (),
+    batch_size: int = 256,
+    cache_dir: str | None = None,
+) -> SplitPredictions:
+    """Run a run's best weights on the cells of one split (from the decoded-image cache).
+
+    Args:
+        run_dir: a finished run folder.
+        data_dir: folder or zip archive with the images.
+        split: as for :func:`evaluate_run`.
+        views: transforms of the uint8 (N, S, S, 3) batch whose probabilities are averaged (test-time
+            augmentation); none = the cells as they are.
+        batch_size: images per forward pass.
+        cache_dir: decoded-image cache folder.
+
+    Returns:
+        The predictions.
+    """
+    model, meta = load_run_model(Path(run_dir), device=default_device())
+    prep = Preprocessing.from_dict(meta["preprocessing"])
+    found = scan(data_dir)
+    images, overlap = select_images(run_dir=Path(run_dir), images=found.images, split=split)
+    cache = build_or_load(images=images, size=prep.input_size, root=found.root, cache_dir=cache_dir)
+    keep = np.flatnonzero(cache.ok)
+    cells = cache.array[keep] if len(keep) < len(cache.ok) else cache.array  # the memmap itself when it can
+    transforms = list(views) or [None]
+    prob = np.zeros(len(keep))
+    t0 = time.perf_counter()
+    with make_progress(transient=True) as progress:
+        label = f"{meta['model']}: {len(keep):,} {split} cells" + (f", {len(transforms)} views" if views else "")
+        task = progress.add_task(label, total=len(keep) * len(transforms))
+        for fn in transforms:
+            x = cells if fn is None else np.ascontiguousarray(fn(np.asarray(cells)))
+            logits = predict_logits(
+                model, x, prep=prep, batch_size=batch_size, progress=lambda n: progress.advance(task, n)
+            )
+            prob += sigmoid(logits)
+    seconds = time.perf_counter() - t0
+    return SplitPredictions(
+        meta=meta,
+        images=[images[i] for i in keep],
+        prob=prob / len(transforms),
+        overlap=overlap,
+        skipped=_skipped(cache, found),
+        cells_per_s=len(keep) / seconds if seconds > 0 and len(keep) else None,
+    )
+
+
 def evaluate_run(
     *,
     run_dir: Path,
@@ -100,33 +167,16 @@ def evaluate_run(
     set_threads(threads)
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / f"eval-{split}"
-    model, meta = load_run_model(run_dir, device=default_device())
-    prep = Preprocessing.from_dict(meta["preprocessing"])
+    pred = predict_split(run_dir=run_dir, data_dir=data_dir, split=split, batch_size=batch_size, cache_dir=cache_dir)
+    meta, images, prob, overlap = pred.meta, pred.images, pred.prob, pred.overlap
     threshold = float(meta["threshold"])
-    found = scan(data_dir)
-    images, overlap = select_images(run_dir=run_dir, images=found.images, split=split)
     if overlap:
         console.print(
             f"[bold red]warning:[/] {len(overlap)} patient(s) of this data were in the run's train/val split "
             f"({', '.join(overlap[:8])}{'...' if len(overlap) > 8 else ''}); these numbers are optimistic"
         )
-    cache = build_or_load(images=images, size=prep.input_size, root=found.root, cache_dir=cache_dir)
-    keep = np.flatnonzero(cache.ok)
-    images = [images[i] for i in keep]
     y = np.array([im.label for im in images], dtype=np.int64)
     groups = np.array([im.patient for im in images])
-    t0 = time.perf_counter()
-    with make_progress(transient=True) as progress:
-        task = progress.add_task(f"predicting {len(keep):,} cells", total=len(keep))
-        logits = predict_logits(
-            model,
-            cache.array[keep] if len(keep) < len(cache.ok) else cache.array,
-            prep=prep,
-            batch_size=batch_size,
-            progress=lambda n: progress.advance(task, n),
-        )
-    infer_s = time.perf_counter() - t0
-    prob = sigmoid(logits)
 
     point = M.binary_metrics(y, prob, threshold)
     ci = M.bootstrap_ci(y, prob, groups, threshold, n_boot=n_boot, seed=seed)
@@ -146,12 +196,12 @@ def evaluate_run(
         "positive_class": CLASSES[1],
         "n_cells": int(len(y)),
         "n_patients": int(len(set(groups.tolist()))),
-        "skipped": [{"path": p, "reason": r} for p, r in _skipped(cache, found)],
+        "skipped": [{"path": p, "reason": r} for p, r in pred.skipped],
         "metrics": {k: ci[k] for k in ci},
         "point": point,
         "confusion": cm,
         "bootstrap": {"unit": "patient", "resamples": n_boot, "seed": seed, "interval": "95% percentile"},
-        "inference_cells_per_s": len(y) / infer_s if infer_s > 0 else None,
+        "inference_cells_per_s": pred.cells_per_s,
         "per_patient": per_patient,
     }
     out_dir.mkdir(parents=True, exist_ok=True)

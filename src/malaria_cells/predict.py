@@ -12,14 +12,16 @@ with an editable install and from an installed wheel).
 
 from __future__ import annotations
 
+import collections
 import csv
 import glob
 import io
 import itertools
 import json
+import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,9 @@ from malaria_cells.preprocess import (
 )
 
 MODEL_ENV = "MALARIA_CELLS_MODEL"
+# Chunks of files decoding in worker processes ahead of the one the model runs on (Classifier.iter_predict): enough
+# that the workers never wait for the model to ask; memory is (this + 1) x batch_size decoded cells.
+LOOKAHEAD_CHUNKS = 3
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models_shipped" / "default.onnx"
 ONNX_FORMAT = "malaria-cells-onnx/1"
 ONNX_INPUT = "image"  # uint8 (N, S, S, 3) RGB, letterboxed; normalisation happens inside the graph
@@ -223,13 +228,25 @@ class Classifier:
     ``class_names``, ``positive_class``, ``backend`` ("onnx" or "torch"), ``source``.
     """
 
-    def __init__(self, backend: _OnnxBackend | _TorchBackend, *, source: str, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        backend: _OnnxBackend | _TorchBackend,
+        *,
+        source: str,
+        threads: int | None = None,
+        decode_processes: int = 0,
+    ) -> None:
         meta = backend.meta
         self._backend = backend
         # Decoding threads: imagecodecs (WebP) and Pillow (other formats, resizing) release the GIL while they
         # work, so a batch of files decodes on every core (end to end, decoding costs about as much as the model).
         n = threads or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="decode") if n > 1 else None  # threads start on use
+        # Decoding processes for streams of files (see iter_predict): letterboxing holds the GIL for part of its
+        # time, so threads cannot keep the cores busy; processes can, and they decode the next batch while the
+        # model runs on this one. Started on first use; 0 = decode in this process.
+        self.decode_processes = decode_processes
+        self._procs: ProcessPoolExecutor | None = None
         self.backend: str = backend.name
         self.source = source
         self.prep = Preprocessing.from_dict(meta["preprocessing"])
@@ -241,13 +258,18 @@ class Classifier:
         self.card = model_card(meta, backend=self.backend, source=source)
 
     @classmethod
-    def load(cls, model: str | Path | None = None, *, threads: int | None = None) -> Classifier:
+    def load(
+        cls, model: str | Path | None = None, *, threads: int | None = None, decode_processes: int = 0
+    ) -> Classifier:
         """Load an ONNX file (onnxruntime) or a run folder (torch).
 
         Args:
             model: an ``.onnx`` file, a run folder, or ``None`` for ``$MALARIA_CELLS_MODEL`` or the shipped
                 default (see the module docstring).
             threads: intra-op threads (default: the runtime's choice, all cores).
+            decode_processes: worker processes that decode image files for :meth:`iter_predict` (0: none, decode
+                in this process with threads). Worth it for thousands of files (each process takes ~0.3 s to
+                start); ``predict`` on the command line picks them for large inputs.
 
         Returns:
             The classifier.
@@ -259,8 +281,10 @@ class Classifier:
         if path.is_dir():
             if not (path / "metadata.json").exists():
                 raise ModelError(f"{path}: a folder but not a finished run (no metadata.json)")
-            return cls(_TorchBackend(path, threads=threads), source=str(path), threads=threads)
-        return cls(_OnnxBackend(path, threads=threads), source=str(path), threads=threads)
+            backend: _OnnxBackend | _TorchBackend = _TorchBackend(path, threads=threads)
+        else:
+            backend = _OnnxBackend(path, threads=threads)
+        return cls(backend, source=str(path), threads=threads, decode_processes=decode_processes)
 
     @property
     def explainable(self) -> bool:
@@ -361,17 +385,45 @@ class Classifier:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
-        size = self.prep.input_size
-        batch = np.zeros((batch_size, size, size, 3), dtype=np.uint8)
-        name_iter = iter(names) if names is not None else None
-        chunk: list[tuple[str, ImageInput]] = []
-        for i, image in enumerate(images):
-            chunk.append((next(name_iter) if name_iter is not None else _default_name(image, i), image))
-            if len(chunk) == batch_size:
-                yield from self._run_chunk(chunk, batch, progress)
-                chunk = []
-        if chunk:
-            yield from self._run_chunk(chunk, batch, progress)
+        batch = np.zeros((batch_size, self.prep.input_size, self.prep.input_size, 3), dtype=np.uint8)
+        chunks = _chunked(images, names, batch_size)
+        if self.decode_processes < 1:
+            for chunk in chunks:
+                yield from self._emit(chunk, self._decode_here(chunk), batch, progress)
+            return
+        # Pipelined: the files of the next chunks decode in the worker processes while the model runs on this one.
+        pending: collections.deque[tuple[list[tuple[str, ImageInput]], list[Future]]] = collections.deque()
+        for chunk in chunks:
+            if not all(isinstance(im, (str, Path)) for _, im in chunk):
+                while pending:  # in-memory images: decoded here, in order after what is pending
+                    yield from self._emit(*_gathered(pending.popleft()), batch, progress)
+                yield from self._emit(chunk, self._decode_here(chunk), batch, progress)
+                continue
+            pending.append((chunk, self._submit(chunk)))
+            if len(pending) > LOOKAHEAD_CHUNKS:
+                yield from self._emit(*_gathered(pending.popleft()), batch, progress)
+        while pending:
+            yield from self._emit(*_gathered(pending.popleft()), batch, progress)
+
+    def close(self) -> None:
+        """Stop the decoding processes and threads (they are also stopped when the interpreter exits)."""
+        if self._procs is not None:
+            self._procs.shutdown(cancel_futures=True)
+            self._procs = None
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _submit(self, chunk: list[tuple[str, ImageInput]]) -> list[Future]:
+        if self._procs is None:
+            # spawn, not fork: this process runs onnxruntime/torch threads, and a forked copy of a process with
+            # threads can inherit a held lock.
+            self._procs = ProcessPoolExecutor(self.decode_processes, mp_context=multiprocessing.get_context("spawn"))
+        k = -(-len(chunk) // self.decode_processes)  # one slice of the chunk per process
+        return [
+            self._procs.submit(_prepare_files, [str(im) for _, im in chunk[a : a + k]], self.prep.input_size)
+            for a in range(0, len(chunk), k)
+        ]
 
     def _prepare_or_error(self, item: tuple[str, ImageInput]) -> np.ndarray | str:
         name, image = item
@@ -380,13 +432,18 @@ class Classifier:
         except ImageError as e:
             return str(e)
 
-    def _run_chunk(
-        self, chunk: list[tuple[str, ImageInput]], batch: np.ndarray, progress: Callable[[int], None] | None
-    ) -> Iterator[Prediction]:
+    def _decode_here(self, chunk: list[tuple[str, ImageInput]]) -> list[np.ndarray | str]:
         if self._pool is not None and len(chunk) > 1:
-            decoded = list(self._pool.map(self._prepare_or_error, chunk))
-        else:
-            decoded = [self._prepare_or_error(item) for item in chunk]
+            return list(self._pool.map(self._prepare_or_error, chunk))
+        return [self._prepare_or_error(item) for item in chunk]
+
+    def _emit(
+        self,
+        chunk: list[tuple[str, ImageInput]],
+        decoded: list[np.ndarray | str],
+        batch: np.ndarray,
+        progress: Callable[[int], None] | None,
+    ) -> Iterator[Prediction]:
         good = [d for d in decoded if not isinstance(d, str)]  # a str is the error of an unusable image
         for j, d in enumerate(good):
             batch[j] = d
@@ -399,6 +456,39 @@ class Classifier:
                 yield Prediction(name, self.label_of(p), p, self.threshold)
         if progress:
             progress(len(chunk))
+
+
+def _chunked(
+    images: Iterable[ImageInput], names: Iterable[str] | None, size: int
+) -> Iterator[list[tuple[str, ImageInput]]]:
+    """(name, image) lists of ``size`` items (the last may be shorter), read lazily."""
+    name_iter = iter(names) if names is not None else None
+    chunk: list[tuple[str, ImageInput]] = []
+    for i, image in enumerate(images):
+        chunk.append((next(name_iter) if name_iter is not None else _default_name(image, i), image))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _prepare_files(paths: list[str], size: int) -> list[np.ndarray | str]:
+    """Decode and letterbox files in a worker process; an unusable file gives its error message instead."""
+    out: list[np.ndarray | str] = []
+    for p in paths:
+        try:
+            out.append(letterbox(load_image(p), size))
+        except ImageError as e:
+            out.append(str(e))
+    return out
+
+
+def _gathered(
+    item: tuple[list[tuple[str, ImageInput]], list[Future]],
+) -> tuple[list[tuple[str, ImageInput]], list[np.ndarray | str]]:
+    chunk, futures = item
+    return chunk, [d for f in futures for d in f.result()]
 
 
 def _default_name(image: ImageInput, i: int) -> str:
