@@ -339,6 +339,16 @@ def bootstrap_ci(
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     point = binary_metrics(y_true, prob, threshold)
     samples = bootstrap_samples(y_true, prob, groups, threshold, n_boot=n_boot, seed=seed)
+    result = _intervals(point, samples, alpha)
+    for name in COUNT_NAMES:
+        result[name] = {"value": point[name]}
+    return result
+
+
+def _intervals(
+    point: dict[str, float], samples: dict[str, NDArray[np.float64]], alpha: float
+) -> dict[str, dict[str, float]]:
+    """{"value", "low", "high"} per metric of METRIC_NAMES: percentile interval of the replicates, NaNs ignored."""
     result: dict[str, dict[str, float]] = {}
     with warnings.catch_warnings():
         # An all-NaN metric (e.g. sensitivity on a split without parasitized cells) is reported, not warned.
@@ -346,8 +356,6 @@ def bootstrap_ci(
         for name in METRIC_NAMES:
             low, high = np.nanpercentile(samples[name], [100 * alpha / 2, 100 * (1 - alpha / 2)])
             result[name] = {"value": point[name], "low": float(low), "high": float(high)}
-    for name in COUNT_NAMES:
-        result[name] = {"value": point[name]}
     return result
 
 
@@ -386,13 +394,8 @@ def paired_difference_ci(
     a = bootstrap_samples(y_true, prob_a, groups, threshold_a, n_boot=n_boot, seed=seed)
     b = bootstrap_samples(y_true, prob_b, groups, threshold_b, n_boot=n_boot, seed=seed)
     point_a, point_b = binary_metrics(y_true, prob_a, threshold_a), binary_metrics(y_true, prob_b, threshold_b)
-    result: dict[str, dict[str, float]] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for name in METRIC_NAMES:
-            low, high = np.nanpercentile(a[name] - b[name], [100 * alpha / 2, 100 * (1 - alpha / 2)])
-            result[name] = {"value": point_a[name] - point_b[name], "low": float(low), "high": float(high)}
-    return result
+    point = {name: point_a[name] - point_b[name] for name in METRIC_NAMES}
+    return _intervals(point, {name: a[name] - b[name] for name in METRIC_NAMES}, alpha)
 
 
 def choose_threshold(y_true: ArrayLike, prob: ArrayLike, method: str = "youden") -> float:
