@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH_OUTPUTS = ("benchmarks/results/", "README.md")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
@@ -42,7 +43,7 @@ def git_state(cwd: Path = ROOT) -> tuple[str | None, bool | None]:
         cwd: a folder inside the repository.
 
     Returns:
-        (commit sha or None, dirty or None).
+        (commit sha or None, dirty or None); dirty ignores the benchmark outputs (results, README tables).
     """
     commit, dirty = None, None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -50,7 +51,10 @@ def git_state(cwd: Path = ROOT) -> tuple[str | None, bool | None]:
         if out.returncode == 0:
             commit = out.stdout.strip()
             st = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10, cwd=cwd)
-            dirty = bool(st.stdout.strip()) if st.returncode == 0 else None
+            # What `make bench` itself writes (results and the README's tables) is not a change to the code measured.
+            changed = [ln[3:] for ln in st.stdout.splitlines() if ln.strip()]
+            code = [p for p in changed if not p.startswith(BENCH_OUTPUTS)]
+            dirty = bool(code) if st.returncode == 0 else None
     return commit, dirty
 
 

@@ -5,10 +5,10 @@ service, and it deliberately imports neither torch nor timm so the ONNX predicti
 A model's preprocessing is a :class:`Preprocessing` stored in its run's ``metadata.json``.
 
 WebP (the share's format) decodes with imagecodecs' libwebp binding when it is installed: the same pixels as
-Pillow for lossless files (tests/test_preprocess.py compares them on the share), 1.4x Pillow's speed on one core,
-and it releases the GIL, so decode threads add up (two: +33 %; Pillow's WebP decoder holds the GIL: +10 %).
-Measured by ``python benchmarks/decode_speed.py``. Anything else, and any file imagecodecs refuses, goes through
-Pillow, whose error messages say what is wrong.
+Pillow for lossless files (tests/test_preprocess.py compares them on the share), 1.3-1.4x Pillow's speed on one
+core (``python benchmarks/decode_speed.py``), and it releases the GIL while it decodes, which Pillow's WebP decoder
+does not. Anything else, and any file imagecodecs refuses, goes through Pillow, whose error messages say what is
+wrong.
 """
 
 from __future__ import annotations
