@@ -392,7 +392,8 @@ def predict_cmd(
     start, stop = shard_bounds(n_files, index=index, count=count)
     if n_files == 0:
         _fail("no input files")
-    cores = len(os.sched_getaffinity(0))
+    # The cores this process may use (a container's CPU set); macOS has no sched_getaffinity.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if decode_processes is None:
         # Starting a process costs ~0.3 s: worth it only for many files, on more than one core. Decoding a cell
         # costs about what the shipped model does, so half the cores decode and half run the model
