@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from benchinfo import machine_info
 from rich.console import Console
 from rich.table import Table
 
@@ -72,6 +73,7 @@ def main() -> None:
         "rounds": res,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
+        "machine": machine_info(["malaria-cells", "torch", "timm", "numpy"]),  # CPU, cores, versions, git commit
     }
     t = Table(
         title=f"{args.model} training at {prep.input_size}px, batch {args.batch}, {out['threads']} threads "
