@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -374,7 +373,7 @@ def predict_cmd(
 
     from malaria_cells.io import atomic_write
     from malaria_cells.predict import FORMATS, Classifier, ModelError, iter_inputs, render_predictions, shard_bounds
-    from malaria_cells.progress import console, make_progress
+    from malaria_cells.progress import console, make_progress, workers
 
     if fmt not in FORMATS:
         _fail(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
@@ -392,8 +391,7 @@ def predict_cmd(
     start, stop = shard_bounds(n_files, index=index, count=count)
     if n_files == 0:
         _fail("no input files")
-    # The cores this process may use (a container's CPU set); macOS has no sched_getaffinity.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = workers()  # all cores, as the other commands count them
     if decode_processes is None:
         # Starting a process costs ~0.3 s: worth it only for many files, on more than one core. Decoding a cell
         # costs about what the shipped model does, so half the cores decode and half run the model

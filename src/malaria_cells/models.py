@@ -192,12 +192,29 @@ def build_model(name: str, *, head_hidden: int | None = None) -> nn.Module:
     Raises:
         ValueError: an unknown name, or ``head_hidden`` for a model without that option.
     """
+    build, width = get_spec(name).build, head_width(name, head_hidden)
+    return build() if width is None else build(head_hidden=width)
+
+
+def head_width(name: str, head_hidden: int | None) -> int | None:
+    """The head a model gets: ``head_hidden`` hidden units, else the registry's default; None for a fixed head.
+
+    Args:
+        name: a key of :data:`MODELS`.
+        head_hidden: hidden units asked for (0 = linear), or None for the default.
+
+    Returns:
+        Hidden units (0 = linear), or None for a model whose head is fixed (the custom CNN).
+
+    Raises:
+        ValueError: ``head_hidden`` for a model with a fixed head.
+    """
     spec = get_spec(name)
     if spec.head_hidden is None:
         if head_hidden:
             raise ValueError(f"{name} has a fixed head; head_hidden applies to the timm models only")
-        return spec.build()
-    return spec.build(head_hidden=spec.head_hidden if head_hidden is None else head_hidden)
+        return None
+    return spec.head_hidden if head_hidden is None else head_hidden
 
 
 def default_preprocessing(name: str, input_size: int | None = None) -> Preprocessing:

@@ -427,10 +427,7 @@ class Classifier:
 
     def _prepare_or_error(self, item: tuple[str, ImageInput]) -> np.ndarray | str:
         name, image = item
-        try:
-            return self.prepare(image, name=name)
-        except ImageError as e:
-            return str(e)
+        return _prepared(image, name=name, size=self.prep.input_size)
 
     def _decode_here(self, chunk: list[tuple[str, ImageInput]]) -> list[np.ndarray | str]:
         if self._pool is not None and len(chunk) > 1:
@@ -473,15 +470,17 @@ def _chunked(
         yield chunk
 
 
+def _prepared(image: ImageInput, *, name: str, size: int) -> np.ndarray | str:
+    """What :meth:`Classifier.prepare` returns, or the error message of an unusable image."""
+    try:
+        return letterbox(to_image(image, name=name), size)
+    except ImageError as e:
+        return str(e)
+
+
 def _prepare_files(paths: list[str], size: int) -> list[np.ndarray | str]:
     """Decode and letterbox files in a worker process; an unusable file gives its error message instead."""
-    out: list[np.ndarray | str] = []
-    for p in paths:
-        try:
-            out.append(letterbox(load_image(p), size))
-        except ImageError as e:
-            out.append(str(e))
-    return out
+    return [_prepared(p, name=p, size=size) for p in paths]
 
 
 def _gathered(

@@ -88,8 +88,7 @@ def _decode_pillow(data: bytes, *, name: str, max_pixels: int) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
-            if w * h > max_pixels:
-                raise ImageError(f"{name}: too many pixels ({w}x{h} > {max_pixels:,}); refusing to decode")
+            _check_pixels(w, h, name=name, max_pixels=max_pixels)
             ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
             img.load()
     except ImageError:
@@ -100,9 +99,20 @@ def _decode_pillow(data: bytes, *, name: str, max_pixels: int) -> Image.Image:
         raise ImageError(f"{name}: not an image (format not recognised)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: unreadable or truncated image ({e})") from None
+    _check_side(w, h, name=name)
+    return to_rgb(img)
+
+
+def _check_pixels(w: int, h: int, *, name: str, max_pixels: int) -> None:
+    """Refuse, before decoding, an image with more pixels than ``max_pixels``."""
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: too many pixels ({w}x{h} > {max_pixels:,}); refusing to decode")
+
+
+def _check_side(w: int, h: int, *, name: str) -> None:
+    """Refuse an image with a side shorter than :data:`MIN_SIDE`."""
     if min(w, h) < MIN_SIDE:
         raise ImageError(f"{name}: image too small ({w}x{h}; at least {MIN_SIDE}x{MIN_SIDE} px)")
-    return to_rgb(img)
 
 
 def webp_size(data: bytes) -> tuple[int, int] | None:
@@ -134,11 +144,8 @@ def _decode_webp(data: bytes, *, name: str, max_pixels: int) -> Image.Image | No
     size = webp_size(data)
     if size is None:
         return None
-    w, h = size
-    if w * h > max_pixels:
-        raise ImageError(f"{name}: too many pixels ({w}x{h} > {max_pixels:,}); refusing to decode")
-    if min(w, h) < MIN_SIDE:
-        raise ImageError(f"{name}: image too small ({w}x{h}; at least {MIN_SIDE}x{MIN_SIDE} px)")
+    _check_pixels(*size, name=name, max_pixels=max_pixels)
+    _check_side(*size, name=name)
     try:
         a = imagecodecs.webp_decode(data)
     except imagecodecs.WebpError:

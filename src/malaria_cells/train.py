@@ -55,6 +55,7 @@ from malaria_cells.models import (
     count_parameters,
     default_device,
     get_spec,
+    head_width,
     predict_logits,
     resolve_precision,
     set_threads,
@@ -132,14 +133,10 @@ def resolve_model_defaults(config: TrainConfig) -> TrainConfig:
     weights = config.weights or (spec.weights if strategy != "scratch" else "none")
     defaults = {"epochs": spec.epochs, "lr": spec.lr, **STRATEGY_DEFAULTS.get(strategy, {})}
     head_hidden = config.head_hidden
-    if spec.head_hidden is None:
-        if head_hidden:
-            raise ValueError(f"{config.model} has a fixed head; head_hidden applies to the timm models only")
-    elif head_hidden is None:
-        # A run that starts from another run's weights has that run's head (runs before the option: linear).
-        init_meta = Path(config.init_from or "") / "metadata.json"
-        from_init = strategy == "finetune" and config.init_from and init_meta.exists()
-        head_hidden = json.loads(init_meta.read_text()).get("head_hidden", 0) if from_init else spec.head_hidden
+    init_meta = Path(config.init_from or "") / "metadata.json"
+    if head_hidden is None and strategy == "finetune" and config.init_from and init_meta.exists():
+        head_hidden = run_head_hidden(json.loads(init_meta.read_text()))  # a run started from another has its head
+    head_hidden = head_width(config.model, head_hidden)
     return dataclasses.replace(
         config,
         strategy=strategy,
@@ -251,12 +248,16 @@ def load_run_model(run_dir: Path, *, which: str = "best", device: torch.device |
     """
     run_dir = Path(run_dir)
     meta = json.loads((run_dir / "metadata.json").read_text())
-    # Runs made before the head option had a linear head on the timm models.
-    head_hidden = meta.get("head_hidden", 0) if meta.get("timm_arch") else None
-    model = build_model(meta["model"], head_hidden=head_hidden)
+    model = build_model(meta["model"], head_hidden=run_head_hidden(meta))
     model.load_state_dict(load_file(str(run_dir / f"{which}.safetensors")))
     model.to(device).eval()
     return model, meta
+
+
+def run_head_hidden(meta: dict) -> int | None:
+    """A run's head width from its metadata.json: None for a fixed-head model; 0 (linear) for timm runs made
+    before the head option existed."""
+    return meta.get("head_hidden", 0) if meta.get("timm_arch") else None
 
 
 def _bce(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -321,10 +322,10 @@ def load_initial_model(config: TrainConfig) -> tuple[nn.Module, Preprocessing, d
                 f"init_from {init} was trained at {meta['preprocessing']['input_size']} px; pass --input-size "
                 f"{meta['preprocessing']['input_size']}"
             )
-        if meta.get("head_hidden", 0) != config.head_hidden:
+        if run_head_hidden(meta) != config.head_hidden:
             raise ValueError(
-                f"init_from {init} has a head with {meta.get('head_hidden', 0)} hidden units; pass --head-hidden "
-                f"{meta.get('head_hidden', 0)}"
+                f"init_from {init} has a head with {run_head_hidden(meta)} hidden units; pass --head-hidden "
+                f"{run_head_hidden(meta)}"
             )
         model.load_state_dict(load_file(str(init / "best.safetensors")))
         info = {**meta.get("weights_info", {}), "init_from": str(init), "init_from_strategy": meta.get("strategy")}
