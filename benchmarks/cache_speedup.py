@@ -11,15 +11,14 @@ import argparse
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
+from harness import command_line, machine_info, save_result
 from rich.console import Console
 from rich.table import Table
 
 from malaria_cells.cache import build_or_load
 from malaria_cells.data import resolve_data_dir, scan
-from malaria_cells.io import atomic_write_json
 from malaria_cells.preprocess import letterbox, load_image
 
 
@@ -31,6 +30,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/cache_speedup.json")
     args = ap.parse_args()
+    machine = machine_info(["malaria-cells", "numpy", "pillow", "imagecodecs"])
     found = scan(resolve_data_dir(args.data))
     rng = np.random.default_rng(0)
     images = [found.images[i] for i in sorted(rng.choice(len(found.images), size=args.n, replace=False))]
@@ -49,15 +49,12 @@ def main() -> None:
             for a in range(0, len(order), 64):  # batches of 64 in random order, as training reads them
                 np.array(cache.array[np.sort(order[a : a + 64])])
             mmap.append(time.perf_counter() - t0)
+    params = {"data": found.root, "images": len(images), "size": args.size, "repeats": args.repeats}
     res = {
-        "images": len(images),
-        "size": args.size,
-        "repeats": args.repeats,
         "build_s_parallel": build_s,
         "epoch_decode_s_median": statistics.median(decode),
         "epoch_cache_s_median": statistics.median(mmap),
         "speedup": statistics.median(decode) / statistics.median(mmap),
-        "date": time.strftime("%Y-%m-%d"),
     }
     t = Table(title=f"inputs for one epoch of {len(images):,} images at {args.size}px (one process)")
     t.add_column("path")
@@ -67,7 +64,7 @@ def main() -> None:
     t.add_row("speed-up", f"{res['speedup']:.0f}x")
     t.add_row("building the cache once (all cores)", f"{build_s:.2f}")
     Console().print(t)
-    atomic_write_json(Path(args.out), res)
+    save_result(args.out, name="cache_speedup", command=command_line(), params=params, results=res, machine=machine)
 
 
 if __name__ == "__main__":

@@ -18,21 +18,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from benchinfo import machine_info
+from harness import command_line, interleaved_rates, machine_info, save_result, spread
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
 from malaria_cells import preprocess
 from malaria_cells.data import resolve_data_dir, scan
-from malaria_cells.io import atomic_write_json
 from malaria_cells.predict import Classifier
 from malaria_cells.preprocess import decode_image, letterbox
 
@@ -83,10 +80,12 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="ONNX file for the end-to-end rows (default: the shipped one)")
     ap.add_argument("--out", default="benchmarks/results/decode_speed.json")
     args = ap.parse_args()
+    machine = machine_info(
+        ["pillow", "imagecodecs", "onnxruntime", "numpy"], {"opencv": cv2.__version__} if cv2 else {}
+    )
     data = resolve_data_dir(args.data)
     images = scan(data).images
-    step = max(1, len(images) // args.files)
-    paths = [im.path for im in images[::step][: args.files]]
+    paths = [im.path for im in spread(images, args.files)]
     blobs = [Path(p).read_bytes() for p in paths]
     cores = len(os.sched_getaffinity(0))
     pools = {1: None, cores: ThreadPoolExecutor(cores)} if cores > 1 else {1: None}
@@ -114,12 +113,7 @@ def main() -> None:
 
     for fn in variants.values():  # warm-up: thread pools, ONNX sessions
         fn()
-    rates: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(args.repeat):
-        for k, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            rates[k].append(len(blobs) / (time.perf_counter() - t0))
+    rates = interleaved_rates(variants, len(blobs), args.repeat)
     for clf in clfs:
         clf.close()
     rows = []
@@ -131,7 +125,7 @@ def main() -> None:
                 "stage": stage,
                 "threads": int(threads),  # decode threads; end to end, the model's threads
                 "decode_processes": int(procs[0]) if procs else 0,
-                "cells_per_s": statistics.median(r),
+                "cells_per_s": r["median"],
             }
         )
     # The reference: Pillow in this process with the same threads (all cores for the rows with processes).
@@ -153,23 +147,9 @@ def main() -> None:
             f"{r['vs_pillow']:.2f}x" if r["vs_pillow"] else "—",
         )
     Console().print(table)
-    machine = machine_info(
-        ["pillow", "imagecodecs", "onnxruntime", "numpy"], {"opencv": cv2.__version__} if cv2 else {}
-    )
-    machine["load_average_end"] = list(os.getloadavg())
-    atomic_write_json(
-        Path(args.out),
-        {
-            "benchmark": "decode_speed",
-            "command": f"python benchmarks/decode_speed.py --files {args.files} --repeat {args.repeat}",
-            "data": str(data),
-            "files": len(blobs),
-            "repeat": args.repeat,
-            "letterbox_px": args.size,
-            "rows": rows,
-            "machine": machine,
-        },
-    )
+    params = {"data": str(data), "files_requested": args.files, "repeat": args.repeat, "letterbox_px": args.size}
+    results = {"files": len(blobs), "rows": rows}
+    save_result(args.out, name="decode_speed", command=command_line(), params=params, results=results, machine=machine)
     print(f"wrote {args.out}")
 
 

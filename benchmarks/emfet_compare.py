@@ -53,7 +53,6 @@ import importlib.metadata
 import inspect
 import json
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -64,21 +63,25 @@ from typing import Any
 import cv2
 import emfet
 import numpy as np
-from benchinfo import machine_info as benchinfo_machine_info
 from emfet.data import DEFAULT_LABEL_MAP as EMFET_LABEL_MAP
 from emfet.data import POSITIVE_CLASS as EMFET_POSITIVE
 from emfet.evaluate import MODEL_SPECS, assert_no_group_leakage, nested_patient_cv
 from emfet.features import FEATURE_NAMES, FeatureConfig, extract_features_from_array
+from harness import command_line, interleaved_rates, save_result, spread
+from harness import machine_info as harness_machine_info
 from rich.console import Console
 from rich.table import Table
 
 from malaria_cells import metrics as M
 from malaria_cells.cache import default_cache_dir
 from malaria_cells.data import CLASSES, ZIP_SEP, CellImage, patient_sort_key, read_bytes, resolve_data_dir, scan
-from malaria_cells.io import atomic_write, atomic_write_json
-from malaria_cells.progress import console as progress_console
-from malaria_cells.progress import make_progress, parallel_map
+from malaria_cells.errors import RunError
+from malaria_cells.io import atomic_write
+from malaria_cells.progress import parallel_map, task
+from malaria_cells.run import Run
 from malaria_cells.split import load_split
+from malaria_cells.terminal import cli_session
+from malaria_cells.terminal import console as progress_console
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = (
@@ -101,8 +104,8 @@ console = Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def machine_info() -> dict[str, Any]:
-    """The machine block of the JSON (see :func:`benchinfo.machine_info`), with OpenCV's version."""
-    return benchinfo_machine_info(PACKAGES, {"opencv (cv2)": cv2.__version__})
+    """The machine block of the JSON (see :func:`harness.machine_info`), with OpenCV's version."""
+    return harness_machine_info(PACKAGES, {"opencv (cv2)": cv2.__version__})
 
 
 # --------------------------------------------------------------------------------------------- data and split
@@ -141,14 +144,6 @@ def split_images(data: Path, split_csv: Path) -> tuple[dict[str, list[CellImage]
     if not out["train"] or not out["test"]:
         raise SystemExit(f"no train or no test images of {split_csv} found in {data}")
     return out, list(found.problems)
-
-
-def spread(items: Sequence[Any], n: int | None) -> list[Any]:
-    """``n`` items evenly spread over ``items`` (all of them when ``n`` is None or not smaller)."""
-    if n is None or n >= len(items):
-        return list(items)
-    step = len(items) / n
-    return [items[int(i * step)] for i in range(n)]
 
 
 # --------------------------------------------------------------------------------------------- emfet features
@@ -384,33 +379,18 @@ def emfet_predict_paths(paths: Sequence[str], pipeline: Any, config: FeatureConf
     return out
 
 
-# --------------------------------------------------------------------------------------------- speed
-
-
-def interleaved_rates(fns: dict[str, Callable[[], Any]], n: int, repeat: int) -> dict[str, dict[str, Any]]:
-    """Cells/s of each end-to-end function over the same ``n`` files, one call of each per round."""
-    rates: dict[str, list[float]] = {name: [] for name in fns}
-    with make_progress(transient=True) as progress:
-        task = progress.add_task(f"timing {len(fns)} models x {repeat} rounds", total=len(fns) * repeat)
-        for _ in range(repeat):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                rates[name].append(n / (time.perf_counter() - t0))
-                progress.advance(task)
-    return {name: {"median": statistics.median(r), "best": max(r), "rounds": r} for name, r in rates.items()}
-
-
 # --------------------------------------------------------------------------------------------- our models
 
 
 def shipped_trained_on_split(clf: Any, split_csv: Path) -> bool | None:
     """Whether the ONNX model was exported from the run that owns ``split_csv`` (None: cannot tell)."""
-    meta_path = split_csv.parent / "metadata.json"
     created = clf.card.get("source_run_created")
-    if not meta_path.exists() or not created:
+    if not created:
         return None
-    return json.loads(meta_path.read_text()).get("created") == created
+    try:
+        return Run.open(split_csv.parent).meta.created == created
+    except RunError:  # the split file is not in a finished run folder
+        return None
 
 
 def run_test_keys(run_dir: Path) -> set[str]:
@@ -452,7 +432,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b not in (None, 0) and a == a and b == b else None
 
 
-def print_report(result: dict[str, Any]) -> None:
+def print_report(result: dict[str, Any], machine: dict[str, Any]) -> None:
     from malaria_cells.evaluate import format_ci
 
     t = Table(
@@ -483,8 +463,7 @@ def print_report(result: dict[str, Any]) -> None:
     console.print(
         f"speed: {sp['files']} test files end to end (file -> P(Parasitized)), batch {sp['batch_size']}, "
         f"{sp['threads']} thread(s) per model, median of {sp['repeat']} interleaved rounds; "
-        f"{result['machine']['cpus_usable']} usable core(s), load average at start "
-        f"{result['machine']['load_average_start'][0]:.2f}"
+        f"{machine['cpus_usable']} usable core(s), load average at start {machine['load_average_start'][0]:.2f}"
     )
     if any(not m.get("same_test_cells", True) for m in result["models"]):
         console.print("[red]*[/] metrics not on the same test cells as emfet's (see the JSON)")
@@ -495,7 +474,7 @@ def print_report(result: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None, help="images (default: as malaria-cells: $MALARIA_CELLS_DATA, share)")
     ap.add_argument("--split", default="runs/custom-cnn-48/split.csv", help="our by-patient split.csv")
@@ -518,7 +497,11 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=None, help="quick try: at most this many train+test images")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default="benchmarks/results/emfet.json")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def compare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Everything the comparison measures: (results, machine block)."""
 
     from malaria_cells.predict import Classifier
 
@@ -559,11 +542,7 @@ def main() -> None:
     y_te = np.array([im.label for im in test_k])
     g_te = np.array([im.patient for im in test_k])
     assert_no_group_leakage(g_tr, g_te)  # emfet's own guard: no patient in both
-    with make_progress(transient=False) as progress:
-        task = progress.add_task(
-            f"emfet {rec['model']} search ({len(y_tr):,} cells)",
-            total=rec["n_bayes_iter"],
-        )
+    with task(f"emfet {rec['model']} search ({len(y_tr):,} cells)", total=rec["n_bayes_iter"]) as search:
         pipeline, fit_info = fit_emfet(
             X_tr[keep_tr],
             y_tr,
@@ -576,7 +555,7 @@ def main() -> None:
             scoring=rec["scoring"],
             n_jobs=args.jobs,
             seed=args.seed,
-            progress=lambda done: progress.update(task, completed=done),
+            progress=lambda done: search.update(completed=done),
         )
     clf_step = pipeline.named_steps["classifier"]
     if "n_jobs" in clf_step.get_params():
@@ -592,9 +571,8 @@ def main() -> None:
     # ---- the shipped model, scored on the same files
     test_paths = [im.path for im in test_k]
     shipped = Classifier.load(args.shipped_model, threads=args.threads, decode_processes=args.decode_processes)
-    with make_progress(transient=True) as progress:
-        task = progress.add_task(f"shipped model on {len(test_paths):,} test cells", total=len(test_paths))
-        preds = shipped.predict(test_paths, batch_size=args.batch_size, progress=lambda n: progress.advance(task, n))
+    with task(f"shipped model on {len(test_paths):,} test cells", total=len(test_paths), transient=True) as t:
+        preds = shipped.predict(test_paths, batch_size=args.batch_size, progress=t.advance)
     bad = [p.source for p in preds if not p.ok]
     if bad:
         raise SystemExit(f"the shipped model cannot read {len(bad)} test file(s), e.g. {bad[0]}")
@@ -620,6 +598,7 @@ def main() -> None:
         entry = {"name": str(run_dir), "kind": "run", "metrics_source": str(run_dir / "eval-test" / "metrics.json")}
         mpath = run_dir / "eval-test" / "metrics.json"
         if mpath.exists():
+            # `malaria-cells evaluate`'s report; malaria_cells.run.Run has no reader for it (yet).
             ev = json.loads(mpath.read_text())
             same = (
                 run_test_keys(run_dir) == test_keys
@@ -655,7 +634,8 @@ def main() -> None:
     emfet_predict_paths(warm, pipeline, config, args.batch_size)
     for clf in (shipped, *run_clfs.values()):
         clf.predict(warm, batch_size=args.batch_size)
-    rates = interleaved_rates(fns, len(speed_paths), args.repeat)
+    with task(f"timing {len(fns)} models x {args.repeat} rounds", total=len(fns) * args.repeat, transient=True) as t:
+        rates = interleaved_rates(fns, len(speed_paths), args.repeat, on_call=t.advance)
     for m in models:
         m["cells_per_s"] = rates[m["name"]]
 
@@ -689,9 +669,6 @@ def main() -> None:
 
     n_val = len(splits["val"])
     result = {
-        "benchmark": "emfet_compare",
-        "machine": machine,
-        "config": vars(args),
         "data": str(data),
         "split_file": str(split_csv),
         "split_sha256": hashlib.sha256(split_csv.read_bytes()).hexdigest(),
@@ -743,10 +720,18 @@ def main() -> None:
         "runs_without_metrics": [m["name"] for m in models[1:] if not m.get("metrics")],
         "scan_problems": [list(p) for p in problems],
     }
-    result["machine"]["load_average_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - t_start
-    atomic_write_json(Path(args.out), result)
-    print_report(result)
+    return result, machine
+
+
+def main() -> None:
+    args = parse_args()
+    with cli_session():  # the library's progress (feature extraction, prediction) as rich bars on stderr
+        result, machine = compare(args)
+    save_result(
+        args.out, name="emfet_compare", command=command_line(), params=vars(args), results=result, machine=machine
+    )
+    print_report(result, machine)
     console.print(f"wrote {args.out}")
 
 

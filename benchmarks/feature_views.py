@@ -12,19 +12,15 @@ Writes benchmarks/results/feature_views.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import tempfile
-import time
 from pathlib import Path
 
+from harness import command_line, machine_info, save_result, sweep, train_run, val_metrics
 from rich.console import Console
 from rich.table import Table
 
-from malaria_cells.config import resolve_config
 from malaria_cells.data import resolve_data_dir
-from malaria_cells.io import atomic_write_json
-from malaria_cells.train import train
+from malaria_cells.run import Run
 
 
 def main() -> None:
@@ -38,64 +34,56 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=3, help="0: frozen heads only")
     ap.add_argument("--out", default="benchmarks/results/feature_views.json")
     args = ap.parse_args()
+    machine = machine_info(["malaria-cells", "torch", "timm", "numpy"])
     data = resolve_data_dir(args.data)
-    load = os.getloadavg()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for views in args.views:
-            cfg = resolve_config(
-                overrides=dict(
-                    model=args.model,
-                    strategy="frozen",
-                    max_images=args.max_images,
-                    epochs=args.epochs,
-                    patience=args.epochs,
-                    feature_views=views,
-                    threads=args.threads,
-                    cache_dir=str(Path(tmp) / "cache"),
-                )
-            )
-            t0 = time.perf_counter()
-            run = train(config=cfg, data_dir=data, run_dir=Path(tmp) / f"views{views}")
-            meta = json.loads((run / "metadata.json").read_text())
-            vm = meta["val_metrics_at_threshold"]
-            rows.append(
-                {
-                    "views": views,
-                    "val_accuracy": vm["accuracy"],
-                    "val_roc_auc": vm["roc_auc"],
-                    "val_mcc": vm["mcc"],
-                    "val_loss_best": min(r["val_loss"] for r in json.loads(f"[{','.join(_lines(run))}]")),
-                    "extraction": meta["transfer"]["extraction"],
-                    "wall_s": time.perf_counter() - t0,
-                }
-            )
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        common = dict(model=args.model, threads=args.threads, cache_dir=str(tmp / "cache"))
+
+        def row(views: int, run: Run, wall_s: float) -> dict:
+            out = {
+                "views": views,
+                **val_metrics(run),
+                "val_loss_best": min(r["val_loss"] for r in run.history()),
+                "extraction": run.meta.to_dict()["transfer"]["extraction"],
+                "wall_s": wall_s,
+            }
             if args.finetune_epochs:
-                ft = train(
-                    config=resolve_config(
-                        overrides=dict(
-                            model=args.model,
-                            strategy="finetune",
-                            init_from=str(run),
-                            epochs=args.finetune_epochs,
-                            feature_views=views,
-                            threads=args.threads,
-                            cache_dir=str(Path(tmp) / "cache"),
-                        )
+                ft, _ = train_run(
+                    dict(
+                        **common,
+                        strategy="finetune",
+                        init_from=str(run.path),
+                        epochs=args.finetune_epochs,
+                        feature_views=views,
                     ),
-                    data_dir=data,
-                    run_dir=Path(tmp) / f"finetune{views}",
+                    data=data,
+                    run_dir=tmp / f"finetune{views}",
                 )
-                history = json.loads(f"[{','.join(_lines(ft))}]")
-                rows[-1]["finetune"] = {
+                history = ft.history()
+                out["finetune"] = {
                     "val_roc_auc_per_epoch": [r["val_roc_auc"] for r in history],
                     "val_loss_per_epoch": [r["val_loss"] for r in history],
                     "train_loss_per_epoch": [r["train_loss"] for r in history],
-                    "val_accuracy": json.loads((ft / "metadata.json").read_text())["val_metrics_at_threshold"][
-                        "accuracy"
-                    ],
+                    "val_accuracy": ft.meta.val_metrics_at_threshold["accuracy"],
                 }
-            Console().print(rows[-1])
+            return out
+
+        rows = sweep(
+            args.views,
+            lambda views: dict(
+                **common,
+                strategy="frozen",
+                max_images=args.max_images,
+                epochs=args.epochs,
+                patience=args.epochs,
+                feature_views=views,
+            ),
+            row,
+            data=data,
+            workdir=tmp,
+            label=lambda views: f"views{views}",
+        )
     t = Table(title=f"{args.model} frozen head vs cached views (subset {args.max_images}, val patients)")
     for col in ("views", "val_accuracy", "val_roc_auc", "val_mcc", "val_loss_best", "extracted"):
         t.add_column(col, justify="right")
@@ -106,14 +94,14 @@ def main() -> None:
             str(r["extraction"]["computed"]),
         )
     Console().print(t)
-    atomic_write_json(
-        Path(args.out),
-        {"config": vars(args), "loadavg_at_start": load, "rows": rows, "date": time.strftime("%Y-%m-%d")},
+    save_result(
+        args.out,
+        name="feature_views",
+        command=command_line(),
+        params=vars(args),
+        results={"rows": rows},
+        machine=machine,
     )
-
-
-def _lines(run: Path) -> list[str]:
-    return (run / "metrics.jsonl").read_text().splitlines()
 
 
 if __name__ == "__main__":

@@ -12,18 +12,15 @@ Writes benchmarks/results/frozen_head.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from benchinfo import git_state, package_versions
+from harness import command_line, machine_info, save_result, sweep, val_metrics
 from rich.console import Console
 from rich.table import Table
 
-from malaria_cells.config import resolve_config
 from malaria_cells.data import resolve_data_dir
-from malaria_cells.io import atomic_write_json
-from malaria_cells.train import train
+from malaria_cells.run import Run
 
 
 def main() -> None:
@@ -34,28 +31,28 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=None, help="class-balanced subset (default: all)")
     ap.add_argument("--out", default="benchmarks/results/frozen_head.json")
     args = ap.parse_args()
+    machine = machine_info(["malaria-cells", "torch", "timm", "numpy"])
     data = resolve_data_dir(args.data)
-    rows = []
+
+    def row(hidden: int, run: Run, wall_s: float) -> dict:
+        meta = run.meta.to_dict()
+        return {
+            "head_hidden": hidden,
+            "trainable_parameters": meta["trainable_parameters"],
+            "best_epoch": run.meta.best_epoch,
+            **val_metrics(run),
+            "head_train_s": meta["train_time_s"] - meta["setup_s"],
+        }
+
     with tempfile.TemporaryDirectory() as tmp:
-        for hidden in args.hidden:
-            cfg = resolve_config(
-                overrides=dict(model=args.model, strategy="frozen", head_hidden=hidden, max_images=args.max_images)
-            )
-            run = train(config=cfg, data_dir=data, run_dir=Path(tmp) / f"head{hidden}")
-            meta = json.loads((run / "metadata.json").read_text())
-            val = meta["val_metrics_at_threshold"]
-            rows.append(
-                {
-                    "head_hidden": hidden,
-                    "trainable_parameters": meta["trainable_parameters"],
-                    "best_epoch": meta["best_epoch"],
-                    "val_accuracy": val["accuracy"],
-                    "val_roc_auc": val["roc_auc"],
-                    "val_mcc": val["mcc"],
-                    "val_cells": val["n"],
-                    "head_train_s": meta["train_time_s"] - meta["setup_s"],
-                }
-            )
+        rows = sweep(
+            args.hidden,
+            lambda hidden: dict(model=args.model, strategy="frozen", head_hidden=hidden, max_images=args.max_images),
+            row,
+            data=data,
+            workdir=Path(tmp),
+            label=lambda hidden: f"head{hidden}",
+        )
     table = Table(title=f"{args.model} frozen: head vs validation metrics (val patients, threshold on val)")
     for col in ("head", "trainable params", "best epoch", "val accuracy", "val AUC", "val MCC"):
         table.add_column(col, justify="right")
@@ -69,20 +66,9 @@ def main() -> None:
             f"{r['val_mcc']:.3f}",
         )
     Console().print(table)
-    commit, dirty = git_state()
-    atomic_write_json(
-        Path(args.out),
-        {
-            "benchmark": "frozen_head",
-            "command": "python benchmarks/frozen_head.py --hidden " + " ".join(map(str, args.hidden)),
-            "model": args.model,
-            "data": str(data),
-            "max_images": args.max_images,
-            "rows": rows,
-            "packages": package_versions(["torch", "timm", "numpy"]),
-            "git_commit": commit,
-            "git_dirty": dirty,
-        },
+    params = {"model": args.model, "hidden": args.hidden, "data": str(data), "max_images": args.max_images}
+    save_result(
+        args.out, name="frozen_head", command=command_line(), params=params, results={"rows": rows}, machine=machine
     )
     print(f"wrote {args.out}")
 

@@ -12,8 +12,8 @@ autocast, ONNX Runtime fp32 and ONNX Runtime int8; and the shipped default model
 - One fresh process per (model, runtime) cell and pass, so one measurement's memory cannot inflate another's peak
   RSS (VmHWM of that process: imports, model load and all four timings).
 - Every runtime goes through the same ``malaria_cells.predict.Classifier``: ONNX files through ``Classifier.load``
-  (what users run), torch models through a ``Classifier`` around a backend that calls ``models.predict_logits``
-  exactly as a run folder's backend does, with ``precision`` fp32 or bf16. "decoded" times
+  (what users run), torch models through a ``Classifier`` around ``malaria_cells.backends.TorchBackend`` (the
+  backend of a run folder), with ``precision`` fp32 or bf16. "decoded" times
   ``Classifier.predict_prepared`` on preloaded uint8 letterboxed cells (model only); "end to end" times
   ``Classifier.predict(paths)`` on image files of the share (read, decode, letterbox, model: what a user sees).
 - Timing: every pass runs every cell once, in a fixed order, so a change in the machine's load hits all cells alike;
@@ -30,10 +30,8 @@ Writes benchmarks/results/inference_matrix.json (about 6 minutes on 2 cores; --q
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from benchinfo import machine_info as benchinfo_machine_info
+from harness import command_line, machine_info, peak_rss_mb, percentile, rss_mb, save_result, spread
 
 if TYPE_CHECKING:  # the child of an ONNX cell must not import torch, so nothing heavy at module level
     from malaria_cells.predict import Classifier
@@ -61,46 +59,7 @@ MIN_CALLS = {1: 3}  # at least this many timed calls per batch size (default 1)
 CALIBRATION_CELLS = 64
 
 
-# --------------------------------------------------------------------------------------------- machine
-
-
-def machine_info(packages: tuple[str, ...] = PACKAGES) -> dict[str, Any]:
-    """The machine block of this benchmark's JSON (see :func:`benchinfo.machine_info`)."""
-    return benchinfo_machine_info(packages)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) with linear interpolation, as ``numpy.percentile``."""
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
-
-
 # --------------------------------------------------------------------------------------------- child: one cell
-
-
-class BenchTorchBackend:
-    """A ``Classifier`` backend around an in-memory torch model, fp32 or bf16 autocast.
-
-    The call is the one ``predict._TorchBackend`` makes for a run folder (``predict_logits`` on the uint8 batch,
-    one forward per batch, then the sigmoid), with the precision as a parameter.
-    """
-
-    name = "torch"
-
-    def __init__(self, model: Any, meta: dict, precision: str) -> None:
-        from malaria_cells.preprocess import Preprocessing
-
-        self.model = model
-        self.meta = meta
-        self.precision = precision
-        self.prep = Preprocessing.from_dict(meta["preprocessing"])
-
-    def __call__(self, batch_u8: np.ndarray) -> np.ndarray:
-        from malaria_cells.models import predict_logits, sigmoid
-
-        logits = predict_logits(
-            self.model, batch_u8, prep=self.prep, precision=self.precision, batch_size=len(batch_u8)
-        )
-        return sigmoid(logits).astype(np.float64)
 
 
 def bench_meta(name: str, input_size: int) -> dict:
@@ -127,21 +86,20 @@ def load_classifier(spec: dict) -> Classifier:
         return Classifier.load(spec["source"], threads=threads)
     import torch
 
+    from malaria_cells.backends import TorchBackend
+
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(1)
+    precision = spec["runtime"].split()[1]
     if spec.get("run"):
-        from malaria_cells.train import load_run_model
-
-        model, meta = load_run_model(Path(spec["run"]))
+        backend = TorchBackend(spec["run"], device="cpu", precision=precision)
     else:
         from malaria_cells.models import build_model
 
         torch.manual_seed(0)
-        model, meta = build_model(spec["model"]).eval(), bench_meta(spec["model"], spec["input_size"])
-    precision = spec["runtime"].split()[1]
-    return Classifier(
-        BenchTorchBackend(model, meta, precision), source=spec.get("run") or "random init", threads=threads
-    )
+        meta = bench_meta(spec["model"], spec["input_size"])
+        backend = TorchBackend.from_model(build_model(spec["model"]), meta, precision=precision)
+    return Classifier(backend, source=spec.get("run") or "random init", threads=threads)
 
 
 def time_calls(
@@ -164,7 +122,7 @@ def run_cell(spec: dict) -> dict:
     t_start = time.perf_counter()
     clf = load_classifier(spec)
     load_s = time.perf_counter() - t_start
-    rss_after_load_mb = _rss_mb()
+    rss_after_load_mb = rss_mb()
     cells = np.load(spec["cells_npy"])
     paths = Path(spec["files_txt"]).read_text().splitlines()
     assert cells.shape[1] == clf.prep.input_size, (cells.shape, clf.prep.input_size)
@@ -217,37 +175,7 @@ def run_cell(spec: dict) -> dict:
     }
 
 
-def _status_mb(field: str) -> float | None:
-    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in MiB, None where there is no /proc."""
-    with contextlib.suppress(OSError, StopIteration, ValueError):
-        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field + ":"))
-        return int(line.split()[1]) / 1024
-    return None
-
-
-def _rss_mb() -> float | None:
-    return _status_mb("VmRSS")
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS in MiB.
-
-    VmHWM, not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux carries ru_maxrss over an exec from the forked copy of the
-    parent, so a child of a parent that imported torch would report the parent's size (measured: 755 MB for an
-    onnxruntime-only child). VmHWM belongs to the exec'd image alone.
-    """
-    hwm = _status_mb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # --------------------------------------------------------------------------------------------- parent
-
-
-def spread(items: list[Any], n: int) -> list[Any]:
-    """``n`` items evenly spread over ``items`` (both classes, many patients), or all of them."""
-    if n >= len(items):
-        return list(items)
-    return [items[int(i * len(items) / n)] for i in range(n)]
 
 
 def prepare_inputs(data: str | None, n_files: int, sizes: set[int], tmp: Path) -> tuple[Path, dict[int, Path], dict]:
@@ -283,9 +211,10 @@ def export_onnx(name: str, run: str | None, input_size: int, calibration: np.nda
     from malaria_cells.preprocess import Preprocessing
 
     if run:
-        from malaria_cells.train import load_run_model
+        from malaria_cells.run import Run
 
-        model, meta = load_run_model(Path(run))
+        opened = Run.open(run)
+        model, meta = opened.load_model(), opened.meta.to_dict()
     else:
         torch.manual_seed(0)
         model, meta = build_model(name).eval(), bench_meta(name, input_size)
@@ -452,17 +381,22 @@ def main() -> None:
         args.passes, args.budget, args.files = 1, 0.05, 64
         args.models = [m for m in args.models if m in ("custom-cnn", "shipped")]
     args.files = max(args.files, *args.batches)  # a batch needs that many distinct cells
-    runs = dict(r.split("=", 1) for r in args.run)
-    if set(runs) - set(TORCH_MODELS) or any(not Path(v, "metadata.json").exists() for v in runs.values()):
-        raise SystemExit(f"--run takes MODEL=RUN_DIR with MODEL in {', '.join(TORCH_MODELS)} and a finished run")
     t_start = time.perf_counter()
-    machine = machine_info()
+    machine = machine_info(PACKAGES)
+    runs = dict(r.split("=", 1) for r in args.run)
+    if set(runs) - set(TORCH_MODELS):
+        raise SystemExit(f"--run takes MODEL=RUN_DIR with MODEL in {', '.join(TORCH_MODELS)}")
 
+    from malaria_cells.errors import RunError
     from malaria_cells.models import default_preprocessing
+    from malaria_cells.run import Run
 
     sizes = {m: default_preprocessing(m).input_size for m in args.models if m in TORCH_MODELS}
     for model, run in runs.items():  # a run may have been trained at another size than the registry's
-        sizes[model] = int(json.loads(Path(run, "metadata.json").read_text())["preprocessing"]["input_size"])
+        try:
+            sizes[model] = Run.open(run).meta.preprocessing.input_size
+        except RunError as e:
+            raise SystemExit(f"--run {model}={run}: {e}") from None
     if "shipped" in args.models:
         sizes["shipped"] = _onnx_input_size(Path(args.shipped_dir) / SHIPPED["ort int8"])
     with tempfile.TemporaryDirectory(prefix="inference-matrix-") as tmp_name:
@@ -475,23 +409,27 @@ def main() -> None:
                 print(f"pass {p + 1}/{args.passes}: {model} / {runtime}", flush=True)
                 results[(model, runtime)].append(run_child(spec, tmp, args.cell_timeout))
     cells = [summarise(m, r, results[(m, r)], extra) for m, r, _, extra in jobs]
-    machine["load_average_end"] = list(os.getloadavg())
-    out = {
-        "benchmark": "inference_matrix",
-        "command": " ".join(["python benchmarks/inference_matrix.py", *sys.argv[1:]]),
-        "machine": machine,
+    params = {
         "quick": bool(args.quick or args.tiny),
         "threads": args.threads,
         "passes": args.passes,
         "budget_s": args.budget,
+        "models": args.models,
+        "runtimes": args.runtimes,
+        "batches": args.batches,
+        "files": args.files,
+        "runs": runs,
+    }
+    results = {
         "inputs": inputs,
         "what": {
             "decoded": "Classifier.predict_prepared on preloaded uint8 letterboxed cells (the model only)",
             "end_to_end": "Classifier.predict(paths): read the file, decode, letterbox, model (as a user sees it)",
             "cells_per_s": "cells / seconds of timed calls in one pass; median over passes",
-            "latency_ms": "seconds per call (one call = one batch), percentiles over all calls of all passes",
+            "latency_ms": "seconds per call (one call = one batch), percentiles over all calls of all passes "
+            "(linear interpolation, harness.percentile)",
             "peak_rss_mb": "VmHWM of a fresh process per cell and pass (imports, load, all timings); median",
-            "torch": "models.predict_logits as a run folder's backend calls it; bf16 = torch.autocast bfloat16",
+            "torch": "malaria_cells.backends.TorchBackend (a run folder's backend); bf16 = torch.autocast bfloat16",
             "ort": "Classifier.load(file.onnx): onnxruntime CPU, graph optimisations on, intra-op threads = threads",
             "int8": "export.quantize_int8: static QDQ, MinMax on 64 share cells, per-channel, first conv fp32",
             "weights": "speed does not depend on weight values; untrained models are random init",
@@ -499,10 +437,11 @@ def main() -> None:
         "cells": cells,
         "wall_s": time.perf_counter() - t_start,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    save_result(
+        args.out, name="inference_matrix", command=command_line(), params=params, results=results, machine=machine
+    )
     print_table(cells, args.threads)
-    print(f"wrote {args.out} in {out['wall_s']:.0f} s")
+    print(f"wrote {args.out} in {results['wall_s']:.0f} s")
 
 
 def _onnx_input_size(path: Path) -> int:

@@ -7,18 +7,14 @@ Writes benchmarks/results/input_size.json and prints a table (validation patient
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
-import time
 from pathlib import Path
 
+from harness import command_line, machine_info, save_result, sweep, val_metrics
 from rich.console import Console
 from rich.table import Table
 
-from malaria_cells.config import resolve_config
 from malaria_cells.data import resolve_data_dir
-from malaria_cells.io import atomic_write_json
-from malaria_cells.train import train
 
 
 def main() -> None:
@@ -29,42 +25,39 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--out", default="benchmarks/results/input_size.json")
     args = ap.parse_args()
+    machine = machine_info(["malaria-cells", "torch", "numpy"])
     data = resolve_data_dir(args.data)
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes:
-            cfg = resolve_config(
-                overrides=dict(
-                    model="custom-cnn",
-                    input_size=size,
-                    max_images=args.max_images,
-                    epochs=args.epochs,
-                    patience=args.epochs,
-                )
-            )
-            t0 = time.perf_counter()
-            run = train(config=cfg, data_dir=data, run_dir=Path(tmp) / f"size{size}")
-            wall = time.perf_counter() - t0
-            meta = json.loads((run / "metadata.json").read_text())
-            vm = meta["val_metrics_at_threshold"]
-            rows.append(
-                {
-                    "input_size": size,
-                    "val_accuracy": vm["accuracy"],
-                    "val_roc_auc": vm["roc_auc"],
-                    "val_mcc": vm["mcc"],
-                    "train_images_per_s": meta["train_images_per_s_median"],
-                    "wall_s": wall,
-                    "best_epoch": meta["best_epoch"],
-                }
-            )
+        rows = sweep(
+            args.sizes,
+            lambda size: dict(
+                model="custom-cnn",
+                input_size=size,
+                max_images=args.max_images,
+                epochs=args.epochs,
+                patience=args.epochs,
+            ),
+            lambda size, run, wall_s: {
+                "input_size": size,
+                **val_metrics(run),
+                "train_images_per_s": run.meta.to_dict()["train_images_per_s_median"],
+                "wall_s": wall_s,
+                "best_epoch": run.meta.best_epoch,
+            },
+            data=data,
+            workdir=Path(tmp),
+            label=lambda size: f"size{size}",
+        )
     t = Table(title=f"custom CNN input size (subset {args.max_images} images, {args.epochs} epochs, val patients)")
     for col in rows[0]:
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()))
     Console().print(t)
-    atomic_write_json(Path(args.out), {"config": vars(args), "rows": rows, "date": time.strftime("%Y-%m-%d")})
+    params = {"data": str(data), "sizes": args.sizes, "max_images": args.max_images, "epochs": args.epochs}
+    save_result(
+        args.out, name="input_size", command=command_line(), params=params, results={"rows": rows}, machine=machine
+    )
 
 
 if __name__ == "__main__":

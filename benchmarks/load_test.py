@@ -17,17 +17,29 @@ on it, not the server alone.
 Bounded: at most ``--requests`` (+ warm-up) requests and ``--max-seconds`` of load (warm-up included); past the
 time limit no new request is sent, the ones in flight finish, and the report says the run stopped early.
 
+Upload attack (``--scenario upload-attack``, and after the load with the default ``--scenario all``): what
+``--attack-requests`` concurrent requests of ``--attack-files`` files of ``--attack-file-mb`` MB each (random-pixel
+PNGs, so incompressible and as large as allowed: 32 x 9.9 MB by default) do to the server: its RSS (VmRSS of its
+process tree, sampled every 50 ms, and VmHWM after), the statuses it answers (200, 413 for files beyond the
+per-request pixel budget, 503 + Retry-After beyond the admission limits) and how long it takes. Bounded: each
+request has ``--attack-timeout`` seconds and the whole attack ``--attack-max-seconds``; loopback only.
+
 Run: .venv/bin/python benchmarks/load_test.py [--model MODEL.onnx|RUN_DIR] [--requests 5000] [--concurrency 16]
      [--max-seconds 300] [--warmup 100] [--threads N] [--workers N] [--data ../shared/nih-cell-images] [--out PATH]
-Writes benchmarks/results/load_test.json. Exit code 0 with no errors, 1 with any, 2 when the server cannot start
-or an option is unusable, 130 when interrupted.
+     [--scenario all|load|upload-attack] [--attack-requests 12] [--attack-files 32] [--attack-file-mb 9.9] [--quick]
+Writes benchmarks/results/load_test.json (``--scenario upload-attack``: load_test_upload_attack.json; ``--quick``, a
+smoke run with small sizes: load_test_quick.json in the temporary folder). Exit code 0 with no errors, 1 with any
+(in the attack: a 5xx other than 503, or the server gone), 2 when the server cannot start or an option is unusable,
+130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import io
 import math
 import mimetypes
 import os
@@ -42,11 +54,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from benchinfo import machine_info
+from harness import machine_info, proc_status, process_tree, save_result
 from rich.console import Console
 from rich.table import Table
-
-from malaria_cells.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]  # defaults work from any directory, not only the repository root
 HOST = "127.0.0.1"  # loopback only, by design: this script must never load another machine
@@ -105,44 +115,14 @@ def serve_supports(option: str) -> bool:
     return option in out.stdout
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (uvicorn with workers or a reloader forks; count their memory too)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # the process ended while we looked
-            continue
-        # The command name (field 2) is in parentheses and may hold spaces: parse after the last ")".
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(parents.get(p, []))
-    return tree
-
-
-def _status_kb(pid: int, key: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def server_memory(pid: int) -> dict[str, float]:
-    """RSS and peak RSS (MB) summed over the server's process tree, and its thread count."""
-    pids = process_tree(pid)
+def server_memory(pid: int, pids: list[int] | None = None) -> dict[str, float]:
+    """RSS and peak RSS (MB) summed over the server's process tree (or ``pids``), and its thread count."""
+    pids = pids or process_tree(pid)
+    status = [proc_status(p) for p in pids]
     return {
-        "rss_mb": sum(_status_kb(p, "VmRSS") for p in pids) / 1024,
-        "peak_rss_mb": sum(_status_kb(p, "VmHWM") for p in pids) / 1024,
-        "threads": sum(_status_kb(p, "Threads") for p in pids),
+        "rss_mb": sum(st.get("VmRSS", 0) for st in status) / 1024,
+        "peak_rss_mb": sum(st.get("VmHWM", 0) for st in status) / 1024,
+        "threads": sum(st.get("Threads", 0) for st in status),
         "processes": len(pids),
     }
 
@@ -399,54 +379,204 @@ async def load(server: Server, images: list[tuple[str, bytes, str]], args: argpa
     }
 
 
+# --------------------------------------------------------------------------------------------- upload attack
+
+
+def noise_png(max_bytes: int) -> bytes:
+    """A PNG of random pixels just under ``max_bytes``: incompressible, so as large as a file may be, and decoding it
+    costs what its size says (~3 bytes per pixel)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    side = int(math.sqrt(max_bytes / 3))
+    while True:
+        buf = io.BytesIO()
+        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+        if buf.tell() <= max_bytes:
+            return buf.getvalue()
+        side = int(side * math.sqrt(max_bytes / buf.tell()) * 0.999)
+
+
+async def upload_attack(server: Server, args: argparse.Namespace) -> dict[str, Any]:
+    """``--attack-requests`` requests of ``--attack-files`` max-size files, all at once; server RSS sampled meanwhile.
+
+    Every request is sent at once (no client-side queue), each with its own connection. Answers are counted by
+    status and, per file, by result code; a connection the server closed while the client was still uploading (a
+    refused request; the 503 may not reach a client that is still sending) counts under its exception's name.
+    """
+    pid = server.proc.pid
+    payload = noise_png(int(args.attack_file_mb * 1_000_000))
+    files = [("files", (f"noise{i}.png", payload, "image/png")) for i in range(args.attack_files)]
+    console.print(
+        f"upload attack: {args.attack_requests} requests x {args.attack_files} files x {len(payload) / 1e6:.2f} MB "
+        f"({args.attack_requests * args.attack_files * len(payload) / 1e9:.2f} GB in all), at once"
+    )
+    statuses: collections.Counter[str] = collections.Counter()
+    file_codes: collections.Counter[str] = collections.Counter()
+    errors: collections.Counter[str] = collections.Counter()
+    latencies: list[float] = []
+    pids = process_tree(pid)  # once: walking /proc every 50 ms would cost the client more than the sample
+    samples: list[float] = []
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        while not done.is_set():
+            samples.append(server_memory(pid, pids)["rss_mb"])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), 0.05)
+
+    limits = httpx.Limits(max_connections=args.attack_requests + 2, max_keepalive_connections=0)
+    async with httpx.AsyncClient(
+        base_url=server.base_url, timeout=args.attack_timeout, limits=limits, trust_env=False
+    ) as client:
+        model = (await client.get(f"{API}/model")).json()
+        mem_before = server_memory(pid, pids)
+
+        async def one() -> None:
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(f"{API}/predict", files=files)
+            except httpx.HTTPError as e:
+                errors[type(e).__name__] += 1
+                return
+            latencies.append((time.perf_counter() - t0) * 1000)
+            statuses[str(r.status_code)] += 1
+            try:
+                body = r.json()
+            except ValueError:
+                file_codes["(not JSON)"] += 1
+                return
+            for res in body.get("results") or []:
+                file_codes["ok" if res.get("ok") else res.get("error", {}).get("code", "?")] += 1
+            if not body.get("results") and body.get("error"):
+                file_codes[f"request: {body['error'].get('code')}"] += 1
+
+        sampler = asyncio.create_task(sample())
+        t0 = time.perf_counter()
+        stopped_early = False
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(one() for _ in range(args.attack_requests))), args.attack_max_seconds
+            )
+        except TimeoutError:
+            stopped_early = True
+        wall = time.perf_counter() - t0
+        done.set()
+        await sampler
+        mem_after = server_memory(pid, pids)
+        health = (await client.get(f"{API}/health")).json()
+    return {
+        "requests": args.attack_requests,
+        "files_per_request": args.attack_files,
+        "file_bytes": len(payload),
+        "request_mb": round(args.attack_files * len(payload) / 1e6, 1),
+        "server_limits": model.get("limits"),
+        "statuses": dict(statuses),
+        "client_errors": dict(errors),
+        "file_results": dict(file_codes),
+        "wall_s": round(wall, 2),
+        "latency_ms_max": round(max(latencies), 1) if latencies else None,
+        "rss_before_mb": round(mem_before["rss_mb"], 1),
+        "rss_max_sampled_mb": round(max(samples, default=mem_before["rss_mb"]), 1),
+        "rss_after_mb": round(mem_after["rss_mb"], 1),
+        "peak_rss_vmhwm_mb": round(mem_after["peak_rss_mb"], 1),
+        "rss_samples": len(samples),
+        "health_after": health,
+        "stopped_early": stopped_early,
+        "unexpected": sum(n for code, n in statuses.items() if code.startswith("5") and code != "503"),
+    }
+
+
 # --------------------------------------------------------------------------------------------- report
 
 
-def print_report(result: dict[str, Any]) -> None:
-    run, warm, mem = result["run"], result["warmup"], result["memory"]
-    p = result["parameters"]
-    table = Table(title=f"load test: {p['requests']} requests, concurrency {p['concurrency']}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    m = result["model"]
-    table.add_row("server", result["server_url"])
-    table.add_row("model", f"{m.get('model')} ({m.get('backend')}, {m.get('source')})")
-    table.add_row("requests sent / ok", f"{run['sent']} / {run['ok']}")
-    table.add_row("errors", f"[{'red' if run['errors'] else 'green'}]{run['errors']}[/] (warm-up: {warm['errors']})")
-    table.add_row("wall time", f"{run['wall_s']:.1f} s")
-    table.add_row("requests/s", f"{run['requests_per_s']}")
-    for k in ("p50", "p90", "p99", "max"):
-        table.add_row(f"latency {k}", f"{run['latency_ms'][k]} ms")
-    table.add_row("server CPU per request", f"{run['server_cpu_ms_per_request']} ms")
-    table.add_row("client CPU / server CPU", f"{run['client_cpu_s']} s / {run['server_cpu_s']} s")
-    table.add_row("server RSS before load", f"{mem['before_load']['rss_mb']:.1f} MB")
-    table.add_row("server RSS after warm-up", f"{mem['after_warmup']['rss_mb']:.1f} MB")
-    table.add_row("server RSS after run", f"{mem['after_run']['rss_mb']:.1f} MB")
-    table.add_row("RSS growth after warm-up", f"{mem['rss_growth_after_warmup_mb']:+.1f} MB")
-    table.add_row("server peak RSS (VmHWM)", f"{mem['after_run']['peak_rss_mb']:.1f} MB")
-    table.add_row("server threads before / after", f"{mem['before_load']['threads']} / {mem['after_run']['threads']}")
-    la0, la1 = result["machine"]["load_average_start"], result["machine"]["load_average_end"]
-    table.add_row("load average start / end", f"{la0[0]:.2f} / {la1[0]:.2f} (1 min)")
-    table.add_row("cores", str(result["machine"]["cpu_count"]))
-    console.print(table)
-    if run["stopped_early"] or warm["stopped_early"]:
-        console.print(
-            f"[yellow]stopped early: --max-seconds {p['max_seconds']} reached after {warm['sent'] + run['sent']} "
-            f"requests (warm-up included); numbers cover the requests sent[/]"
+def print_report(params: dict[str, Any], results: dict[str, Any], machine: dict[str, Any]) -> None:
+    la0, la1 = machine["load_average_start"], machine.get("load_average_end") or list(os.getloadavg())
+    if "run" in results:
+        run, warm, mem = results["run"], results["warmup"], results["memory"]
+        table = Table(title=f"load test: {params['requests']} requests, concurrency {params['concurrency']}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        m = results["model"]
+        table.add_row("server", results["server_url"])
+        table.add_row("model", f"{m.get('model')} ({m.get('backend')}, {m.get('source')})")
+        table.add_row("requests sent / ok", f"{run['sent']} / {run['ok']}")
+        color = "red" if run["errors"] else "green"
+        table.add_row("errors", f"[{color}]{run['errors']}[/] (warm-up: {warm['errors']})")
+        table.add_row("wall time", f"{run['wall_s']:.1f} s")
+        table.add_row("requests/s", f"{run['requests_per_s']}")
+        for k in ("p50", "p90", "p99", "max"):
+            table.add_row(f"latency {k}", f"{run['latency_ms'][k]} ms")
+        table.add_row("server CPU per request", f"{run['server_cpu_ms_per_request']} ms")
+        table.add_row("client CPU / server CPU", f"{run['client_cpu_s']} s / {run['server_cpu_s']} s")
+        table.add_row("server RSS before load", f"{mem['before_load']['rss_mb']:.1f} MB")
+        table.add_row("server RSS after warm-up", f"{mem['after_warmup']['rss_mb']:.1f} MB")
+        table.add_row("server RSS after run", f"{mem['after_run']['rss_mb']:.1f} MB")
+        table.add_row("RSS growth after warm-up", f"{mem['rss_growth_after_warmup_mb']:+.1f} MB")
+        table.add_row("server peak RSS (VmHWM)", f"{mem['after_run']['peak_rss_mb']:.1f} MB")
+        threads = f"{mem['before_load']['threads']} / {mem['after_run']['threads']}"
+        table.add_row("server threads before / after", threads)
+        table.add_row("load average start / end", f"{la0[0]:.2f} / {la1[0]:.2f} (1 min)")
+        table.add_row("cores", str(machine["cpu_count"]))
+        console.print(table)
+        if run["stopped_early"] or warm["stopped_early"]:
+            console.print(
+                f"[yellow]stopped early: --max-seconds {params['max_seconds']} reached after "
+                f"{warm['sent'] + run['sent']} requests (warm-up included); numbers cover the requests sent[/]"
+            )
+        for example in warm["error_examples"] + run["error_examples"]:
+            console.print(f"[red]error[/] {example}")
+    if "upload_attack" in results:
+        a = results["upload_attack"]
+        table = Table(
+            title=f"upload attack: {a['requests']} requests x {a['files_per_request']} files x "
+            f"{a['file_bytes'] / 1e6:.2f} MB, at once"
         )
-    for example in warm["error_examples"] + run["error_examples"]:
-        console.print(f"[red]error[/] {example}")
-    if result["server_log_problems"]:
-        console.print(f"[yellow]{len(result['server_log_problems'])} warning/error line(s) in the server log[/]")
-        for line in result["server_log_problems"][:5]:
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        table.add_row("answers by status", ", ".join(f"{k}: {v}" for k, v in sorted(a["statuses"].items())) or "-")
+        table.add_row("client errors", ", ".join(f"{k}: {v}" for k, v in a["client_errors"].items()) or "-")
+        table.add_row("file results", ", ".join(f"{k}: {v}" for k, v in a["file_results"].items()) or "-")
+        table.add_row("wall time", f"{a['wall_s']:.1f} s")
+        table.add_row("server RSS before", f"{a['rss_before_mb']:.1f} MB")
+        table.add_row("server RSS max (sampled, 50 ms)", f"{a['rss_max_sampled_mb']:.1f} MB")
+        table.add_row("server RSS after", f"{a['rss_after_mb']:.1f} MB")
+        table.add_row("server peak RSS (VmHWM)", f"{a['peak_rss_vmhwm_mb']:.1f} MB")
+        table.add_row("load average start / end", f"{la0[0]:.2f} / {la1[0]:.2f} (1 min)")
+        console.print(table)
+        if a["stopped_early"]:
+            console.print(f"[yellow]stopped early: --attack-max-seconds {params['attack_max_seconds']} reached[/]")
+    if results["server_log_problems"]:
+        console.print(f"[yellow]{len(results['server_log_problems'])} warning/error line(s) in the server log[/]")
+        for line in results["server_log_problems"][:5]:
             console.print(f"  {line}")
 
 
 # --------------------------------------------------------------------------------------------- main
 
+QUICK = dict(  # --quick: a smoke run that checks the script works, not a measurement
+    requests=100,
+    warmup=10,
+    concurrency=4,
+    files=20,
+    max_seconds=60.0,
+    attack_requests=4,
+    attack_files=4,
+    attack_file_mb=2.0,
+    attack_max_seconds=60.0,
+)
+
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--scenario",
+        choices=("all", "load", "upload-attack"),
+        default="all",
+        help="all: load, then upload attack",
+    )
     ap.add_argument("--requests", type=int, default=5000, help="timed requests (after the warm-up)")
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
     ap.add_argument("--model", default=None, help="an .onnx file or run folder (default: the server's default)")
@@ -460,13 +590,30 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--files", type=int, default=200, help="distinct images to cycle through")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds before one request counts as failed")
     ap.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for /api/v1/health")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "load_test.json"))
+    ap.add_argument("--attack-requests", type=int, default=12, help="upload attack: requests sent at once (<= 64)")
+    ap.add_argument("--attack-files", type=int, default=32, help="upload attack: files per request")
+    ap.add_argument("--attack-file-mb", type=float, default=9.9, help="upload attack: size of each file, MB")
+    ap.add_argument("--attack-timeout", type=float, default=120.0, help="upload attack: seconds per request")
+    ap.add_argument("--attack-max-seconds", type=float, default=180.0, help="upload attack: seconds in all")
+    ap.add_argument("--quick", action="store_true", help="a smoke run with small sizes (not a measurement)")
+    ap.add_argument("--out", default=None, help="result file (default: benchmarks/results/load_test*.json)")
     args = ap.parse_args()
-    for name in ("requests", "concurrency", "files"):
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+    if args.out is None:
+        name = {"upload-attack": "load_test_upload_attack.json"}.get(args.scenario, "load_test.json")
+        quick = Path(tempfile.gettempdir()) / "load_test_quick.json"
+        args.out = str(quick if args.quick else ROOT / "benchmarks" / "results" / name)
+    for name in ("requests", "concurrency", "files", "attack_requests", "attack_files"):
         if getattr(args, name) < 1:
-            ap.error(f"--{name} must be at least 1")
-    if args.warmup < 0 or args.max_seconds <= 0 or args.timeout <= 0:
-        ap.error("--warmup must be >= 0, --max-seconds and --timeout > 0")
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.attack_requests > 64:
+        ap.error("--attack-requests must be at most 64 (this is a bounded test, not a flood)")
+    if args.warmup < 0 or min(args.max_seconds, args.timeout, args.attack_timeout, args.attack_max_seconds) <= 0:
+        ap.error("--warmup must be >= 0; --max-seconds, --timeout and the attack's times > 0")
+    if not 0 < args.attack_file_mb <= 100:
+        ap.error("--attack-file-mb must be in (0, 100]")
     return args
 
 
@@ -474,6 +621,16 @@ def _forward_to_sigint(_signum: int, _frame: Any) -> None:
     # Turned into SIGINT so that asyncio.run cancels the load cleanly (its own SIGINT handler), and outside the
     # event loop it is a KeyboardInterrupt; either way the finally in main() stops the server.
     signal.raise_signal(signal.SIGINT)
+
+
+async def measure(server: Server, images: list[tuple[str, bytes, str]], args: argparse.Namespace) -> dict[str, Any]:
+    """The chosen scenarios, in order: the load (if asked), then the upload attack (if asked)."""
+    out: dict[str, Any] = {}
+    if args.scenario in ("all", "load"):
+        out.update(await load(server, images, args))
+    if args.scenario in ("all", "upload-attack"):
+        out["upload_attack"] = await upload_attack(server, args)
+    return out
 
 
 def main() -> int:
@@ -489,13 +646,15 @@ def main() -> int:
         )
         return 2
     data = Path(args.data)
-    if not data.is_dir():
-        console.print(f"[red]{data}: not a folder[/]")
-        return 2
-    images = load_images(data, args.files)
-    console.print(f"{len(images)} images from {data} ({sum(len(b) for _, b, _ in images) / 1e6:.1f} MB in memory)")
+    images: list[tuple[str, bytes, str]] = []
+    if args.scenario in ("all", "load"):
+        if not data.is_dir():
+            console.print(f"[red]{data}: not a folder[/]")
+            return 2
+        images = load_images(data, args.files)
+        size_mb = sum(len(b) for _, b, _ in images) / 1e6
+        console.print(f"{len(images)} images from {data} ({size_mb:.1f} MB in memory)")
     machine = machine_info(PACKAGES)
-    machine["load_average_start"] = list(os.getloadavg())
     server: Server | None = None
     with tempfile.TemporaryDirectory(prefix="load_test_") as tmp:
         try:
@@ -513,7 +672,8 @@ def main() -> int:
                 if log.exists():
                     console.print(log.read_text(errors="replace")[-4000:], markup=False, highlight=False)
                 return 2
-            measured = asyncio.run(load(server, images, args))
+            measured = asyncio.run(measure(server, images, args))
+            server_gone = server.proc.poll() is not None  # crashed under the load or the attack
         except KeyboardInterrupt:
             console.print("[yellow]interrupted; server stopped, nothing written[/]")
             return 130
@@ -521,35 +681,42 @@ def main() -> int:
             exit_code = server.stop() if server else None
             problems = server.log_problems() if server else []
         machine["load_average_end"] = list(os.getloadavg())
-    result = {
-        "benchmark": "load_test",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    params = {
+        "scenario": args.scenario,
+        "quick": args.quick,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "warmup": args.warmup,
+        "max_seconds": args.max_seconds,
+        "threads": args.threads,
+        "workers": args.workers,
+        "files": len(images),
+        "data": str(data),
+        "timeout_s": args.timeout,
+        "model_arg": args.model,
+        "attack_requests": args.attack_requests,
+        "attack_files": args.attack_files,
+        "attack_file_mb": args.attack_file_mb,
+        "attack_timeout_s": args.attack_timeout,
+        "attack_max_seconds": args.attack_max_seconds,
+    }
+    results = {
         "server_url": server.base_url,
         "server_command": "python -m malaria_cells.cli serve --host 127.0.0.1 --port <free port>"
         + (f" --model {args.model}" if args.model else "")
         + (f" --threads {args.threads}" if args.threads else "")
         + (f" --workers {args.workers}" if args.workers else ""),
-        "parameters": {
-            "requests": args.requests,
-            "concurrency": args.concurrency,
-            "warmup": args.warmup,
-            "max_seconds": args.max_seconds,
-            "threads": args.threads,
-            "workers": args.workers,
-            "files": len(images),
-            "data": str(data),
-            "timeout_s": args.timeout,
-            "model_arg": args.model,
-        },
-        "machine": machine,
         **measured,
         "server_exit_code": exit_code,
+        "server_crashed": server_gone,
         "server_log_problems": problems[:50],
     }
-    atomic_write_json(Path(args.out), result)
-    print_report(result)
+    command = " ".join(["python", "benchmarks/load_test.py", *sys.argv[1:]])
+    save_result(args.out, name="load_test", command=command, params=params, results=results, machine=machine)
+    print_report(params, results, machine)
     console.print(f"[green]wrote[/] {args.out}")
-    errors = result["run"]["errors"] + result["warmup"]["errors"]
+    errors = sum(results[k]["errors"] for k in ("run", "warmup") if k in results)
+    errors += results.get("upload_attack", {}).get("unexpected", 0) + int(server_gone)
     return 1 if errors else 0
 
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from harness import command_line, machine_info, save_result
+
+# Runs in a fresh interpreter (python -c). It reads /proc itself rather than importing harness: compiling that module
+# would add ~0.7 MB to the peak RSS this measures.
 CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
@@ -62,17 +65,16 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/onnx_path.json")
     args = ap.parse_args()
     image = args.image or str(next(iter(sorted(Path("../shared/nih-cell-images/Parasitized").glob("*.webp")))))
-    rows: dict = {"load_average_1min": os.getloadavg()[0], "onnx": measure(args.onnx, image, args.repeat)}
+    machine = machine_info(["malaria-cells", "onnxruntime", "torch", "numpy"])
+    rows = {"onnx": measure(args.onnx, image, args.repeat)}
     if args.run:
         rows["torch"] = measure(args.run, image, args.repeat)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    params = {"onnx": args.onnx, "run": args.run, "image": image, "repeat": args.repeat}
+    save_result(args.out, name="onnx_path", command=command_line(), params=params, results=rows, machine=machine)
     print(
         f"{'path':6s} {'import s':>9s} {'load s':>7s} {'1st pred s':>10s} {'process s':>9s} {'peak RSS MB':>11s} torch"
     )
     for name, r in rows.items():
-        if not isinstance(r, dict):
-            continue
         print(
             f"{name:6s} {r['import_s']:9.3f} {r['load_s']:7.3f} {r['first_predict_s']:10.3f} "
             f"{r['process_wall_s']:9.2f} {r['peak_rss_mb']:11.0f} {r['torch_imported']}"

@@ -4,7 +4,9 @@ Reads the results that exist (inference_matrix, scaling, train_speed_*, transfer
 onnx_path, load_test; a missing one gets a line saying how to make it) and replaces the text between
 ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in README.md; nothing else in the README changes. Every table
 says where its numbers come from: machine, date and git commit as the JSON records them (for older files that do not,
-the last commit of the JSON file itself), and the command that reruns it.
+the last commit of the JSON file itself), and the command that reruns it. Files are read with
+:func:`harness.load_result`, which gives old (flat) and new (``malaria-cells-bench/1``) files one shape: ``machine``,
+``params``, ``results``; ``result[key]`` finds a key in ``results`` or ``params``.
 
 Run: .venv/bin/python benchmarks/report.py [--results benchmarks/results] [--readme README.md] [--check]
 ``--check`` writes nothing and exits 1 when the README's section differs from what the JSON files give.
@@ -13,14 +15,13 @@ Run: .venv/bin/python benchmarks/report.py [--results benchmarks/results] [--rea
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT, Result, git, load_result
+
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 MODEL_NAMES = {
     "custom-cnn": "custom CNN",
@@ -63,26 +64,17 @@ def table(header: list[str], rows: list[list[str]], align: str | None = None) ->
     return out
 
 
-def _git(*args: str) -> str | None:
-    """A git command's output in this repository, or None (no git, not a checkout, an error)."""
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=ROOT)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def provenance(path: Path, data: dict) -> str:
+def provenance(r: Result) -> str:
     """Machine, date and commit of a result file, from its own record where it has one."""
-    m = data.get("machine", {})
-    cpu = m.get("cpu_model") or m.get("cpu") or data.get("cpu")
-    cores = m.get("cpus_usable") or m.get("cpu_count") or data.get("cpu_count")
+    m = r.machine
+    cpu = m.get("cpu_model")
+    cores = m.get("cpus_usable") or m.get("cpu_count")
     parts = []
     if cpu or cores:
         parts.append(", ".join(str(p) for p in (cpu, f"{cores} cores" if cores else None) if p))
-    if "native_bf16" in m or "cpu_has_native_bf16" in data:
-        parts.append(f"native bf16: {'yes' if m.get('native_bf16', data.get('cpu_has_native_bf16')) else 'no'}")
-    date = (m.get("date") or data.get("date") or "")[:10]
+    if "native_bf16" in m:
+        parts.append(f"native bf16: {'yes' if m['native_bf16'] else 'no'}")
+    date = (m.get("date") or "")[:10]
     parts.append(date or "date not recorded")
     commit = m.get("git_commit")
     if commit:
@@ -90,31 +82,30 @@ def provenance(path: Path, data: dict) -> str:
     else:
         # Older scripts do not record the commit; the last commit of the JSON file is the closest thing.
         last = changed = None
-        if path.resolve().is_relative_to(ROOT):
-            rel = str(path.resolve().relative_to(ROOT))
-            last, changed = _git("log", "-1", "--format=%h %cs", "--", rel), _git("status", "--porcelain", "--", rel)
+        if r.path.resolve().is_relative_to(ROOT):
+            rel = str(r.path.resolve().relative_to(ROOT))
+            last, changed = git("log", "-1", "--format=%h %cs", "--", rel), git("status", "--porcelain", "--", rel)
         if last and not changed:
             parts.append(f"commit not recorded (file committed in {last.split()[0]}, {last.split()[1]})")
         else:
             parts.append("commit not recorded")
-    start = m.get("load_average_start") or data.get("loadavg_at_start")  # older files: their own names
-    load = start[0] if isinstance(start, list) else data.get("load_average_1min")
-    if load is not None:
-        parts.append(f"load {load:.1f} at start")
-    if data.get("quick"):
+    start = m.get("load_average_start")
+    if isinstance(start, list) and start:
+        parts.append(f"load {start[0]:.1f} at start")
+    if r.get("quick"):
         parts.append("**quick run**")
     return " · ".join(parts)
 
 
-def heading(title: str, command: str, path: Path, data: dict) -> list[str]:
+def heading(title: str, command: str, r: Result) -> list[str]:
     """A table's title, its rerun command and where its numbers come from."""
-    return [f"#### {title}", "", f"`{command}` → `{path.name}` · {provenance(path, data)}", ""]
+    return [f"#### {title}", "", f"`{command}` → `{r.path.name}` · {provenance(r)}", ""]
 
 
 # --------------------------------------------------------------------------------------------- sections
 
 
-def inference_matrix(path: Path, d: dict) -> list[str]:
+def inference_matrix(d: Result) -> list[str]:
     """Model x runtime x batch: cells/s and latency, decoded and end to end; peak RSS per cell."""
     rows = []
     for c in d["cells"]:
@@ -131,8 +122,8 @@ def inference_matrix(path: Path, d: dict) -> list[str]:
                 lat = m["latency_ms"] if m else None
                 row.append(f"{rate(m['cells_per_s'])} · {ms(lat['p50'])}/{ms(lat['p99'])}" if m else "")
         rows.append(row)
-    cmd = d.get("command", "python benchmarks/inference_matrix.py").strip()
-    out = heading("Inference: model × runtime × batch", cmd, path, d)
+    cmd = (d.command or "python benchmarks/inference_matrix.py").strip()
+    out = heading("Inference: model × runtime × batch", cmd, d)
     out += table(
         ["Model", "Runtime", "Peak RSS", "b=1 decoded", "b=1 end to end", "b=64 decoded", "b=64 end to end"],
         rows,
@@ -150,7 +141,7 @@ def inference_matrix(path: Path, d: dict) -> list[str]:
     return out
 
 
-def scaling(path: Path, d: dict) -> list[str]:
+def scaling(d: Result) -> list[str]:
     """Predict, train and cache-build time and memory against the number of images, with the line fits."""
     parts = {k: {r["images"]: r for r in d[k]["rows"]} for k in ("predict", "train", "cache_build") if k in d}
     sizes = d["sizes"]
@@ -168,8 +159,8 @@ def scaling(path: Path, d: dict) -> list[str]:
                 f"{num(c.get('prepare_s'))} s" if c else "",
             ]
         )
-    cmd = d.get("command", "python benchmarks/scaling.py").strip()
-    out = heading("How cost grows with the number of images", cmd, path, d)
+    cmd = (d.command or "python benchmarks/scaling.py").strip()
+    out = heading("How cost grows with the number of images", cmd, d)
     out += table(
         [
             "Images",
@@ -227,10 +218,10 @@ def scaling(path: Path, d: dict) -> list[str]:
     return out
 
 
-def train_speed(paths: list[tuple[Path, dict]]) -> list[str]:
+def train_speed(files: list[Result]) -> list[str]:
     """Training images/s per model, fp32 vs bf16 autocast, one row per train_speed_<model>.json."""
     rows, sources = [], []
-    for path, d in paths:
+    for d in files:
         ips = d["images_per_s"]
         fp32, bf16 = ips.get("fp32"), ips.get("bf16")
         rounds = len(d.get("rounds", {}).get("fp32", [])) or "?"
@@ -246,7 +237,7 @@ def train_speed(paths: list[tuple[Path, dict]]) -> list[str]:
             ]
         )
         cmd = f"python benchmarks/train_speed.py --model {d['model']} --batch {d['batch']} --rounds {rounds}"
-        sources.append(f"- `{cmd}` → `{path.name}` · {provenance(path, d)}")
+        sources.append(f"- `{cmd}` → `{d.path.name}` · {provenance(d)}")
     out = ["#### Training speed: fp32 vs bf16 autocast (scratch training step)", ""]
     out += table(["Model", "Input", "Batch", "Threads", "fp32 images/s", "bf16 images/s", "bf16 / fp32"], rows)
     out += [
@@ -260,7 +251,7 @@ def train_speed(paths: list[tuple[Path, dict]]) -> list[str]:
     return out
 
 
-def transfer_strategies(path: Path, d: dict) -> list[str]:
+def transfer_strategies(d: Result) -> list[str]:
     """Images/s per model and training strategy (scratch, frozen cold/warm, finetune)."""
     rows = [
         [
@@ -273,16 +264,15 @@ def transfer_strategies(path: Path, d: dict) -> list[str]:
         ]
         for r in d["rows"]
     ]
-    cfg = d.get("config", {})
-    cmd = f"python benchmarks/transfer_strategies.py --max-images {cfg.get('max_images', 600)}"
-    out = heading("Training speed per model and strategy (one epoch, small subset)", cmd, path, d)
+    cmd = f"python benchmarks/transfer_strategies.py --max-images {d.params.get('max_images', 600)}"
+    out = heading("Training speed per model and strategy (one epoch, small subset)", cmd, d)
     out += table(["Run", "Model", "Strategy", "Train cells", "Epoch cells/s", "Setup s"], rows, "lllrrr")
     if d.get("note"):
         out += ["", f"Note recorded with the measurement: {d['note']}"]
     return [*out, ""]
 
 
-def decode_speed(path: Path, d: dict) -> list[str]:
+def decode_speed(d: Result) -> list[str]:
     """WebP -> model input per decoder and thread count, and the shipped model end to end."""
     rows = [
         [
@@ -295,7 +285,7 @@ def decode_speed(path: Path, d: dict) -> list[str]:
         ]
         for r in sorted(d["rows"], key=lambda r: (r["stage"], r.get("decode_processes", 0), r["threads"], r["decoder"]))
     ]
-    out = heading("Decoding: Pillow vs imagecodecs (vs OpenCV), and decoding processes", d["command"], path, d)
+    out = heading("Decoding: Pillow vs imagecodecs (vs OpenCV), and decoding processes", d.command, d)
     out += table(["Stage", "Decoder", "Threads", "Decode processes", "cells/s", "vs Pillow"], rows)
     out += [
         "",
@@ -307,7 +297,7 @@ def decode_speed(path: Path, d: dict) -> list[str]:
     return [*out, ""]
 
 
-def time_to_accuracy(path: Path, d: dict) -> list[str]:
+def time_to_accuracy(d: Result) -> list[str]:
     """Time to each target validation accuracy, per run, from the runs' own training logs."""
     targets = d["targets"]
     rows = []
@@ -325,7 +315,7 @@ def time_to_accuracy(path: Path, d: dict) -> list[str]:
                 r.get("features") or "—",
             ]
         )
-    out = heading("Time to a validation accuracy", d["command"], path, d)
+    out = heading("Time to a validation accuracy", d.command, d)
     out += table(
         ["Run", "Strategy", *(f"≥ {100 * t:.0f} %" for t in targets), "train img/s", "Backbone features"], rows
     )
@@ -339,7 +329,7 @@ def time_to_accuracy(path: Path, d: dict) -> list[str]:
     return [*out, ""]
 
 
-def emfet(path: Path, d: dict) -> list[str]:
+def emfet(d: Result) -> list[str]:
     """Ours vs emfet on the same test patients: metrics with CIs, end-to-end speed, and ratios to emfet."""
     rows = []
     for m in d["models"]:
@@ -357,7 +347,7 @@ def emfet(path: Path, d: dict) -> list[str]:
                 f"{r['cells_per_s']:.1f}×" if r.get("cells_per_s") else "—",
             ]
         )
-    cfg = d.get("config", {})
+    cfg = d.params
     cmd = "python benchmarks/emfet_compare.py --split " + str(d.get("split_file", cfg.get("split")))
     for flag, key, default in (
         ("--max-images", "max_images", None),
@@ -372,7 +362,7 @@ def emfet(path: Path, d: dict) -> list[str]:
         cmd += " --runs " + " ".join(cfg["runs"])
     t, sp = d["test"], d["speed"]
     title = f"Ours vs emfet {d['emfet']['version']} on the same test patients"
-    out = heading(title, cmd, path, d)
+    out = heading(title, cmd, d)
     if d.get("subsampled"):
         out += ["**Subsampled (`--max-images`): not the full test set.**", ""]
     out += table(
@@ -415,22 +405,22 @@ def emfet(path: Path, d: dict) -> list[str]:
     return [*out, ""]
 
 
-def emfet_speed_variants(runs: list[tuple[Path, dict]]) -> list[str]:
+def emfet_speed_variants(runs: list[Result]) -> list[str]:
     """The same comparison run with other thread/process settings: end-to-end speed of the shipped model vs emfet."""
     rows = []
-    for path, d in runs:
+    for d in runs:
         sp = d["speed"]
         speeds = {m["kind"]: (m.get("cells_per_s") or {}).get("median") for m in d["models"]}
         shipped, peer = speeds.get("shipped"), speeds.get("emfet")
         rows.append(
             [
-                f"`{path.name}`",
+                f"`{d.path.name}`",
                 str(sp["threads"]),
                 str(sp.get("decode_processes", 0)),
                 rate(shipped),
                 rate(peer),
                 f"{shipped / peer:.1f}×" if shipped and peer else "—",
-                provenance(path, d),
+                provenance(d),
             ]
         )
     out = ["#### The same comparison with other thread settings (end-to-end speed)", ""]
@@ -468,19 +458,18 @@ def deployment(results: Path) -> list[str]:
     out: list[str] = []
     p = results / "inference_speed.json"
     if p.exists():
-        d = json.loads(p.read_text())
+        d = load_result(p)
         cmd = f"python benchmarks/inference_speed.py --run {d.get('run')} --repeat {d.get('rounds')}"
-        out += heading(f"Batch inference of a run's model ({d['images']:,} decoded cells)", cmd, p, d)
+        out += heading(f"Batch inference of a run's model ({d['images']:,} decoded cells)", cmd, d)
         rows = [[k, rate(v["median"]), rate(v["best"])] for k, v in d["cells_per_s"].items()]
         out += table([f"{d['model']}, batch {d['batch_size']}, {d['threads']} threads", "cells/s median", "best"], rows)
         out += [""]
     p = results / "onnx_path.json"
     if p.exists():
-        d = json.loads(p.read_text())
+        d = load_result(p)
         out += heading(
             "Fresh process: import, load, first prediction",
             "python benchmarks/onnx_path.py --onnx models/default.onnx --run runs/custom-cnn-48",
-            p,
             d,
         )
         rows = [
@@ -493,17 +482,17 @@ def deployment(results: Path) -> list[str]:
                 num(r["peak_rss_mb"], 0),
                 "yes" if r["torch_imported"] else "no",
             ]
-            for name, r in d.items()
+            for name, r in d.results.items()
             if isinstance(r, dict)
         ]
         out += table(["Model from", "import s", "load s", "1st predict s", "process s", "peak RSS MB", "torch"], rows)
         out += [""]
     p = results / "load_test.json"
     if p.exists():
-        d = json.loads(p.read_text())
-        r, mem, prm = d["run"], d.get("memory", {}), d.get("parameters", {})
+        d = load_result(p)
+        r, mem, prm = d["run"], d.get("memory", {}), d.get("parameters") or d.params
         before, after = (mem.get(k, {}).get("rss_mb") for k in ("before_load", "after_run"))
-        out += heading("`malaria-cells serve` under load", d.get("command", "python benchmarks/load_test.py"), p, d)
+        out += heading("`malaria-cells serve` under load", d.command or "python benchmarks/load_test.py", d)
         out += table(
             ["Requests", "Concurrency", "OK", "Errors", "Requests/s", "p50 ms", "p99 ms", "RSS before → after MB"],
             [
@@ -529,18 +518,18 @@ def deployment(results: Path) -> list[str]:
 def render(results: Path) -> str:
     """The generated Markdown between the markers."""
 
-    def load(name: str) -> tuple[Path, dict] | None:
+    def load(name: str) -> Result | None:
         p = results / name
-        return (p, json.loads(p.read_text())) if p.exists() else None
+        return load_result(p) if p.exists() else None
 
     def missing(what: str, cmd: str) -> list[str]:
         return [f"#### {what}", "", f"Not measured yet: `{cmd}`.", ""]
 
-    def section(name: str, what: str, cmd: str | None, fn: Callable[[Path, dict], list[str]]) -> list[str]:
+    def section(name: str, what: str, cmd: str | None, fn: Callable[[Result], list[str]]) -> list[str]:
         """The section of one result file; when the file is missing, a "not measured" stub (None: nothing)."""
         got = load(name)
         if got:
-            return fn(*got)
+            return fn(got)
         return missing(what, cmd) if cmd else []
 
     out = [
@@ -557,7 +546,7 @@ def render(results: Path) -> str:
     out += section("scaling.json", "How cost grows with the number of images", "python benchmarks/scaling.py", scaling)
     speeds = sorted(results.glob("train_speed_*.json"))
     out += (
-        train_speed([(p, json.loads(p.read_text())) for p in speeds])
+        train_speed([load_result(p) for p in speeds])
         if speeds
         else missing("Training speed", "python benchmarks/train_speed.py")
     )
@@ -572,7 +561,7 @@ def render(results: Path) -> str:
     out += section("emfet.json", "Ours vs emfet", "python benchmarks/emfet_compare.py --split SPLIT.csv", emfet)
     others = sorted(results.glob("emfet_*.json"))
     if load("emfet.json") and others:
-        out += emfet_speed_variants([(p, json.loads(p.read_text())) for p in others])
+        out += emfet_speed_variants([load_result(p) for p in others])
     out += deployment(results)
     while out and out[-1] == "":
         out.pop()

@@ -41,7 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from inference_matrix import machine_info, spread  # the same machine block and image choice as the matrix
+from harness import command_line, first_reached, machine_info, proc_status, save_result, spread
+
+from malaria_cells.run import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "malaria_cells.cli"]  # the `malaria-cells` entry point of this interpreter
@@ -64,19 +66,6 @@ print(json.dumps({"import_s": t1 - t0, "prepare_s": time.perf_counter() - t1, "i
 """
 
 
-def _status_kb(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon and RssFile of a live process in KiB (empty once it has exited)."""
-    out: dict[str, int] = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(rest.split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
-
-
 def measure(cmd: list[str], *, env: dict[str, str], log: Path, timeout_s: float) -> dict[str, Any]:
     """Run ``cmd`` to completion; its wall time, exit code, peak RSS (wait4) and sampled memory peaks."""
     peaks = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
@@ -88,9 +77,9 @@ def measure(cmd: list[str], *, env: dict[str, str], log: Path, timeout_s: float)
             if pid:
                 wall = time.perf_counter() - t0
                 break
-            for k, v in _status_kb(proc.pid).items():
-                if k in peaks:
-                    peaks[k] = max(peaks[k], v)
+            status = proc_status(proc.pid)
+            for k in peaks:
+                peaks[k] = max(peaks[k], status.get(k, 0))
             if time.perf_counter() - t0 > timeout_s:
                 proc.kill()
             time.sleep(SAMPLE_S)
@@ -199,18 +188,18 @@ def train_once(
     cmd = [*CLI, "train", "--model", TRAIN_MODEL, "--data", str(data), "--max-images", str(n), "--epochs", str(epochs)]
     r = measure([*cmd, "--out", str(run_dir), "--threads", str(threads)], env=env, log=log, timeout_s=timeout_s)
     _check(r, log, f"train on {n} images")
-    history = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    meta = json.loads((run_dir / "metadata.json").read_text())
-    counts = {row.get("split"): row for row in meta.get("split_counts", [])}
+    run = Run.open(run_dir)
+    history = run.history()
+    counts = {row.get("split"): row for row in run.meta.split_counts}
     last = history[-1]
     r.update(
         cache_warm=sorted((tmp / "cache").glob("*.u8")) == caches_before,
         epoch_s=last["epoch_s"],
         train_images_per_s=last["train_images_per_s"],
         val_accuracy_after_1_epoch=history[0].get("val_accuracy"),
-        split_counts=meta.get("split_counts"),
+        split_counts=run.meta.split_counts,
         train_images=counts.get("train", {}).get("images"),
-        precision=meta.get("precision"),
+        precision=run.meta.precision,
     )
     shutil.rmtree(run_dir, ignore_errors=True)
     return r, history
@@ -218,10 +207,6 @@ def train_once(
 
 def time_to_accuracy(r: dict, history: list[dict], targets: tuple[float, ...]) -> dict[str, Any]:
     """When a multi-epoch run first reached each validation accuracy (training time incl. validation)."""
-    reached = {}
-    for target in targets:
-        hit = next((h for h in history if (h.get("val_accuracy") or 0) >= target), None)
-        reached[f"{target:.2f}"] = {"epoch": hit["epoch"], "elapsed_s": hit["elapsed_s"]} if hit else None
     return {
         "images": r["max_images"],
         "train_images": r["train_images"],
@@ -229,7 +214,7 @@ def time_to_accuracy(r: dict, history: list[dict], targets: tuple[float, ...]) -
         "process_wall_s": r["wall_s"],
         "peak_rss_mb": r["peak_rss_mb"],
         "cache_warm": r["cache_warm"],
-        "reached": reached,
+        "reached": first_reached(history, targets),
         "history": [
             {k: h.get(k) for k in ("epoch", "elapsed_s", "epoch_s", "val_accuracy", "val_roc_auc")} for h in history
         ],
@@ -259,7 +244,7 @@ def main() -> None:
     if args.tiny:
         args.sizes, args.repeat, args.tta_epochs = [200, 400, 800], 1, 2
     t_start = time.perf_counter()
-    machine = machine_info()
+    machine = machine_info(["malaria-cells", "torch", "onnxruntime", "numpy", "pillow", "imagecodecs"])
 
     from malaria_cells.data import resolve_data_dir, scan
 
@@ -302,15 +287,18 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    result: dict[str, Any] = {
-        "benchmark": "scaling",
-        "command": " ".join(["python benchmarks/scaling.py", *sys.argv[1:]]),
-        "machine": machine,
+    params = {
         "quick": bool(args.quick or args.tiny),
         "threads": args.threads,
         "repeat": args.repeat,
         "data": str(data),
         "sizes": sizes,
+        "model": args.model,
+        "tta_epochs": args.tta_epochs,
+        "targets": args.targets,
+        "skip": args.skip,
+    }
+    result: dict[str, Any] = {
         "images_chosen": "evenly spread over the share's sorted file list (predict); train: --max-images N, "
         "train's own class-balanced subset (seed 0)",
         "memory_fields": {
@@ -354,10 +342,8 @@ def main() -> None:
                 f"--epochs {args.tta_epochs} --threads {args.threads} (warm cache)",
                 **tta,
             }
-    machine["load_average_end"] = list(os.getloadavg())
     result["wall_s"] = time.perf_counter() - t_start
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    save_result(args.out, name="scaling", command=command_line(), params=params, results=result, machine=machine)
     print_summary(result)
     print(f"wrote {args.out} in {result['wall_s']:.0f} s")
 

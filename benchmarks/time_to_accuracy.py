@@ -18,23 +18,23 @@ import argparse
 import json
 from pathlib import Path
 
-from benchinfo import machine_info
+from harness import command_line, first_reached, machine_info, save_result
 from rich.console import Console
 from rich.table import Table
 
-from malaria_cells.io import atomic_write_json
-from malaria_cells.train import read_history
+from malaria_cells.errors import RunError
+from malaria_cells.run import Run
 
 
-def run_row(run_dir: Path, targets: list[float]) -> dict:
+def run_row(run: Run, targets: list[float]) -> dict:
     """Targets reached, with epoch and seconds, and how the run was set up."""
-    meta = json.loads((run_dir / "metadata.json").read_text())
-    history = read_history(run_dir)
+    meta = run.meta.to_dict()
+    history = run.history()
     transfer = meta.get("transfer") or {}
     extraction = transfer.get("extraction") or {}
     store = transfer.get("pooled_store") or transfer.get("activation_store") or {}
     features = None
-    if meta["strategy"] != "scratch":
+    if run.meta.strategy != "scratch":
         computed = extraction.get("computed", 0)
         features = (
             f"extracted in this run: {computed:,} cell-views in {extraction.get('seconds', 0):.0f} s"
@@ -42,28 +42,33 @@ def run_row(run_dir: Path, targets: list[float]) -> dict:
             else "from the feature cache (extraction not in the times)"
         )
         if not computed and store.get("file"):
-            rec = Path(store["file"]).with_suffix(".json")
+            rec = Path(store["file"]).with_suffix(".json")  # the feature cache's own record (not a run file)
             if rec.exists():
                 per = json.loads(rec.read_text()).get("seconds_per_item")
                 if per:
                     features += f"; the cache's last extraction ran at {1 / per:,.0f} cell-views/s"
-    reached = {}
-    for t in targets:
-        hit = next((r for r in history if r.get("val_accuracy", 0) >= t), None)
-        reached[f"{t:.2f}"] = {"epoch": hit["epoch"], "elapsed_s": hit["elapsed_s"]} if hit else None
     return {
-        "run": str(run_dir),
-        "model": meta["model"],
-        "strategy": meta["strategy"],
-        "input_size": meta["preprocessing"]["input_size"],
+        "run": str(run.path),
+        "model": run.meta.model,
+        "strategy": run.meta.strategy,
+        "input_size": run.meta.preprocessing.input_size,
         "epochs_run": len(history),
         "best_val_accuracy_at_0_5": max((r.get("val_accuracy", 0) for r in history), default=None),
         "train_images_per_s_median": meta.get("train_images_per_s_median"),
         "setup_s": meta.get("setup_s"),
         "features": features,
-        "reached": reached,
-        "val_cells": (meta.get("val_metrics_at_threshold") or {}).get("n"),
+        "reached": first_reached(history, targets),
+        "val_cells": run.meta.val_metrics_at_threshold.get("n"),
     }
+
+
+def finished(path: str) -> Run | None:
+    """The finished run in ``path``, or None (an unfinished or broken run is skipped with a note)."""
+    try:
+        return Run.open(path)
+    except RunError as e:
+        print(f"skipped: {e}")
+        return None
 
 
 def main() -> None:
@@ -72,7 +77,8 @@ def main() -> None:
     ap.add_argument("--targets", type=float, nargs="+", default=[0.90, 0.93, 0.95, 0.96])
     ap.add_argument("--out", default="benchmarks/results/time_to_accuracy.json")
     args = ap.parse_args()
-    rows = [run_row(Path(r), args.targets) for r in args.runs if (Path(r) / "metadata.json").exists()]
+    machine = machine_info(["malaria-cells", "torch", "timm"])
+    rows = [run_row(run, args.targets) for run in map(finished, args.runs) if run]
     table = Table(title="Time to a validation accuracy (threshold 0.5, validation patients), from each run's log")
     table.add_column("run")
     table.add_column("strategy")
@@ -87,15 +93,14 @@ def main() -> None:
         ips = r["train_images_per_s_median"]
         table.add_row(r["run"], r["strategy"], *cells, f"{ips:,.0f}" if ips else "—")
     Console().print(table)
-    atomic_write_json(
-        Path(args.out),
-        {
-            "benchmark": "time_to_accuracy",
-            "command": "python benchmarks/time_to_accuracy.py --runs " + " ".join(args.runs),
-            "targets": args.targets,
-            "rows": rows,
-            "machine": machine_info(["malaria-cells", "torch", "timm"]),
-        },
+    params = {"runs": args.runs, "targets": args.targets}
+    save_result(
+        args.out,
+        name="time_to_accuracy",
+        command=command_line(),
+        params=params,
+        results={"rows": rows},
+        machine=machine,
     )
     print(f"wrote {args.out}")
 

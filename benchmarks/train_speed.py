@@ -1,7 +1,7 @@
 """Training throughput of a model, fp32 vs bf16 autocast, measured in one run (same process, interleaved).
 
 Run: .venv/bin/python benchmarks/train_speed.py [--model custom-cnn] [--size 64] [--batch 64] [--steps 20] [--rounds 3]
-Prints a table and writes benchmarks/results/train_speed_<model>.json. Each step is a real training step:
+Prints a table and writes benchmarks/results/train_speed_<model>.json (or --out). Each step is a real training step:
 augmentation, normalisation, channels_last forward/backward, AdamW. bf16 only pays off on CPUs with native
 bf16 (AVX-512 BF16 / AMX); elsewhere it is emulated and slower, which is why ``precision=auto`` picks fp32 there.
 """
@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from benchinfo import machine_info
+from harness import command_line, interleaved, machine_info, save_result
 from rich.console import Console
 from rich.table import Table
 
-from malaria_cells.io import atomic_write_json
+from malaria_cells.augment import augment
 from malaria_cells.models import autocast, build_model, cpu_has_bf16, default_preprocessing, to_input
-from malaria_cells.train import augment
 
 
 def steps_per_s(model, prep, precision: str, batch: int, steps: int) -> float:
@@ -54,29 +51,29 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/train_speed_<model>.json")
     args = ap.parse_args()
+    machine = machine_info(["malaria-cells", "torch", "timm", "numpy"])  # CPU, cores, versions, git commit
     torch.set_num_threads(os.cpu_count() or 1)
     prep = default_preprocessing(args.model, args.size)
     model = build_model(args.model).to(memory_format=torch.channels_last).train()
-    res: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    for _ in range(args.rounds):  # interleaved rounds: machine noise hits both precisions alike
-        for precision in res:
-            res[precision].append(steps_per_s(model, prep, precision, args.batch, args.steps))
-    out = {
+    rounds = interleaved(
+        {p: lambda p=p: steps_per_s(model, prep, p, args.batch, args.steps) for p in ("fp32", "bf16")}, args.rounds
+    )
+    params = {
         "model": args.model,
         "input_size": prep.input_size,
         "batch": args.batch,
+        "steps": args.steps,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+    }
+    out = {
         "cpu_has_native_bf16": cpu_has_bf16(),
-        "images_per_s": {p: statistics.median(v) for p, v in res.items()},
-        "rounds": res,
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": machine_info(["malaria-cells", "torch", "timm", "numpy"]),  # CPU, cores, versions, git commit
+        "images_per_s": {p: statistics.median(v) for p, v in rounds.items()},
+        "rounds": rounds,
     }
     t = Table(
-        title=f"{args.model} training at {prep.input_size}px, batch {args.batch}, {out['threads']} threads "
+        title=f"{args.model} training at {prep.input_size}px, batch {args.batch}, {params['threads']} threads "
         f"(native bf16: {cpu_has_bf16()})"
     )
     t.add_column("precision")
@@ -84,7 +81,14 @@ def main() -> None:
     for p, v in out["images_per_s"].items():
         t.add_row(p, f"{v:.0f}")
     Console().print(t)
-    atomic_write_json(Path(f"benchmarks/results/train_speed_{args.model}.json"), out)
+    save_result(
+        args.out or f"benchmarks/results/train_speed_{args.model}.json",
+        name="train_speed",
+        command=command_line(),
+        params=params,
+        results=out,
+        machine=machine,
+    )
 
 
 if __name__ == "__main__":

@@ -13,21 +13,18 @@ Writes benchmarks/results/transfer_input_size.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from harness import command_line, machine_info, save_result, sweep, val_metrics
 from rich.console import Console
 from rich.table import Table
 
-from malaria_cells.config import resolve_config
 from malaria_cells.data import resolve_data_dir
-from malaria_cells.io import atomic_write_json
 from malaria_cells.models import build_model, set_threads
-from malaria_cells.train import train
+from malaria_cells.run import Run
 from malaria_cells.weights import WeightsUnavailable, load_pretrained
 
 MODELS = ("efficientnet-lite0", "resnet50v2")
@@ -60,51 +57,52 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/transfer_input_size.json")
     args = ap.parse_args()
+    machine = machine_info(["malaria-cells", "torch", "timm", "numpy"])
     set_threads(args.threads)
     data = resolve_data_dir(args.data)
-    load = os.getloadavg()
+
+    def speed(name: str, size: int) -> dict:
+        wall, cpu = inference_rate(build_model(name), size, batch=64, repeat=args.repeat)
+        return {"model": name, "input_size": size, "infer_cells_per_s": wall, "infer_cells_per_cpu_s": cpu}
+
+    def row(setting: tuple[str, int], run: Run, wall_s: float) -> dict:
+        meta = run.meta.to_dict()
+        return {
+            **speed(*setting),
+            **val_metrics(run),
+            "extraction": meta["transfer"]["extraction"],
+            "head_train_s": meta["train_time_s"] - meta["setup_s"],
+            "wall_s": wall_s,
+        }
+
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             try:
                 load_pretrained(build_model(name).backbone, name=name, source="imagenet")
-                weights = "imagenet"
             except WeightsUnavailable as e:
-                weights, why = None, str(e).split(" (")[0]
-            for size in args.sizes:
-                wall, cpu = inference_rate(build_model(name), size, batch=64, repeat=args.repeat)
-                row = {"model": name, "input_size": size, "infer_cells_per_s": wall, "infer_cells_per_cpu_s": cpu}
-                if weights is None:
-                    row["frozen_head"] = f"not measured: {why}"
-                else:
-                    cfg = resolve_config(
-                        overrides=dict(
-                            model=name,
-                            strategy="frozen",
-                            input_size=size,
-                            max_images=args.max_images,
-                            epochs=args.epochs,
-                            patience=args.epochs,
-                            feature_views=args.views,
-                            threads=args.threads,
-                            cache_dir=str(Path(tmp) / "cache"),
-                        )
-                    )
-                    t0 = time.perf_counter()
-                    run = train(config=cfg, data_dir=data, run_dir=Path(tmp) / f"{name}-{size}")
-                    meta = json.loads((run / "metadata.json").read_text())
-                    vm = meta["val_metrics_at_threshold"]
-                    row.update(
-                        val_accuracy=vm["accuracy"],
-                        val_roc_auc=vm["roc_auc"],
-                        val_mcc=vm["mcc"],
-                        val_cells=vm["n"],
-                        extraction=meta["transfer"]["extraction"],
-                        head_train_s=meta["train_time_s"] - meta["setup_s"],
-                        wall_s=time.perf_counter() - t0,
-                    )
-                rows.append(row)
-                Console().print(row)
+                for size in args.sizes:
+                    rows.append({**speed(name, size), "frozen_head": f"not measured: {str(e).split(' (')[0]}"})
+                    Console().print(rows[-1])
+                continue
+            rows += sweep(
+                [(name, size) for size in args.sizes],
+                lambda setting: dict(
+                    model=setting[0],
+                    strategy="frozen",
+                    input_size=setting[1],
+                    max_images=args.max_images,
+                    epochs=args.epochs,
+                    patience=args.epochs,
+                    feature_views=args.views,
+                    threads=args.threads,
+                    cache_dir=str(Path(tmp) / "cache"),
+                ),
+                row,
+                data=data,
+                workdir=Path(tmp),
+                label=lambda setting: f"{setting[0]}-{setting[1]}",
+            )
     t = Table(title=f"transfer input size (subset {args.max_images}, frozen head, {args.views} view(s), val patients)")
     cols = ["model", "input_size", "infer_cells_per_s", "infer_cells_per_cpu_s", "val_accuracy", "val_roc_auc"]
     for col in cols:
@@ -112,15 +110,14 @@ def main() -> None:
     for r in rows:
         t.add_row(*(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "—")) for c in cols))
     Console().print(t)
-    atomic_write_json(
-        Path(args.out),
-        {
-            "config": vars(args),
-            "cpu_count": os.cpu_count(),
-            "loadavg_at_start": load,
-            "rows": rows,
-            "date": time.strftime("%Y-%m-%d"),
-        },
+    results = {"rows": rows, "torch_threads": torch.get_num_threads()}
+    save_result(
+        args.out,
+        name="transfer_input_size",
+        command=command_line(),
+        params=vars(args),
+        results=results,
+        machine=machine,
     )
 
 

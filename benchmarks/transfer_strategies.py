@@ -12,23 +12,21 @@ Writes benchmarks/results/transfer_strategies.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import tempfile
-import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
+from harness import command_line, machine_info, save_result, sweep
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
 
-from malaria_cells.config import resolve_config
 from malaria_cells.data import resolve_data_dir
-from malaria_cells.io import atomic_write_json
 from malaria_cells.models import build_model
-from malaria_cells.train import train
+from malaria_cells.run import Run
 from malaria_cells.weights import TIMM_ARCH, WeightsUnavailable, load_pretrained
 
 
@@ -44,6 +42,23 @@ def weights_for(name: str, tmp: Path) -> tuple[str, bool]:
         return str(path), False
 
 
+def settings(models: list[str], tmp: Path) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(run label, cache folder, config overrides) of every run, in order; a fine-tune starts from the cold frozen run
+    (its folder is ``tmp / label``). Lazy, so each model's weights are fetched just before its runs."""
+    yield "custom-cnn-scratch", "cache", dict(model="custom-cnn", strategy="scratch")
+    for name in models:
+        source, real = weights_for(name, tmp)
+        tag = "" if real else "-random-weights-speed-only"
+        frozen = f"{name}-frozen-cold{tag}"
+        yield frozen, "cache", dict(model=name, strategy="frozen", weights=source)
+        yield f"{name}-frozen-warm{tag}", "cache", dict(model=name, strategy="frozen", weights=source)
+        finetune = dict(model=name, strategy="finetune", init_from=str(tmp / frozen))
+        yield f"{name}-finetune-cached{tag}", "cache", finetune
+        # Another cache folder has no activations, and epochs <= 2 x views: the frozen part runs every step.
+        yield f"{name}-finetune-online{tag}", "cache2", finetune
+        yield f"{name}-scratch{tag}", "cache", dict(model=name, strategy="scratch")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=None)
@@ -54,54 +69,36 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/transfer_strategies.json")
     args = ap.parse_args()
+    machine = machine_info(["malaria-cells", "torch", "timm", "numpy"])
     data = resolve_data_dir(args.data)
-    load = os.getloadavg()
-    rows = []
 
-    def run(label: str, tmp: Path, cache: str, **kw) -> Path:
-        cfg = resolve_config(
-            overrides=dict(
-                max_images=args.max_images,
-                epochs=args.epochs,
-                patience=100,
-                threads=args.threads,
-                feature_views=args.views,
-                cache_dir=str(tmp / cache),
-                **kw,
-            )
-        )
-        t0 = time.perf_counter()
-        out = train(config=cfg, data_dir=data, run_dir=tmp / label)
-        meta = json.loads((out / "metadata.json").read_text())
+    def row(setting: tuple[str, str, dict], run: Run, wall_s: float) -> dict:
+        meta = run.meta.to_dict()
         tr = meta.get("transfer") or {}
-        row = {
-            "run": label,
-            "model": cfg.model,
-            "strategy": cfg.strategy,
-            "input_size": meta["preprocessing"]["input_size"],
-            "train_cells": next(r["images"] for r in meta["split_counts"] if r["split"] == "train"),
-            "wall_s": time.perf_counter() - t0,
+        return {
+            "run": setting[0],
+            "model": run.meta.model,
+            "strategy": run.meta.strategy,
+            "input_size": run.meta.preprocessing.input_size,
+            "train_cells": next(r["images"] for r in run.meta.split_counts if r["split"] == "train"),
+            "wall_s": wall_s,
             "setup_s": meta["setup_s"],
             "epoch_cells_per_s": meta["train_images_per_s_median"],
             "extraction": tr.get("extraction"),
             "frozen_part": tr.get("frozen_part"),
         }
-        rows.append(row)
-        Console().print(row)
-        return out
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        run("custom-cnn-scratch", tmp, "cache", model="custom-cnn", strategy="scratch")
-        for name in args.models:
-            source, real = weights_for(name, tmp)
-            tag = "" if real else "-random-weights-speed-only"
-            frozen = run(f"{name}-frozen-cold{tag}", tmp, "cache", model=name, strategy="frozen", weights=source)
-            run(f"{name}-frozen-warm{tag}", tmp, "cache", model=name, strategy="frozen", weights=source)
-            run(f"{name}-finetune-cached{tag}", tmp, "cache", model=name, strategy="finetune", init_from=str(frozen))
-            # Another cache folder has no activations, and epochs <= 2 x views: the frozen part runs every step.
-            run(f"{name}-finetune-online{tag}", tmp, "cache2", model=name, strategy="finetune", init_from=str(frozen))
-            run(f"{name}-scratch{tag}", tmp, "cache", model=name, strategy="scratch")
+        common = dict(max_images=args.max_images, epochs=args.epochs, patience=100, threads=args.threads)
+        rows = sweep(
+            settings(args.models, tmp),
+            lambda s: dict(**common, feature_views=args.views, cache_dir=str(tmp / s[1]), **s[2]),
+            row,
+            data=data,
+            workdir=tmp,
+            label=lambda s: s[0],
+        )
     t = Table(title=f"strategy throughput ({args.max_images} cells subset, {args.epochs} epoch(s), {args.views} views)")
     cols = ["run", "train_cells", "wall_s", "setup_s", "epoch_cells_per_s"]
     for col in [*cols, "extraction cells/s"]:
@@ -110,16 +107,14 @@ def main() -> None:
         ext = (r["extraction"] or {}).get("images_per_s")
         t.add_row(*(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols), str(ext or "—"))
     Console().print(t)
-    atomic_write_json(
-        Path(args.out),
-        {
-            "config": vars(args),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "loadavg_at_start": load,
-            "rows": rows,
-            "date": time.strftime("%Y-%m-%d"),
-        },
+    results = {"rows": rows, "torch_threads": torch.get_num_threads()}
+    save_result(
+        args.out,
+        name="transfer_strategies",
+        command=command_line(),
+        params=vars(args),
+        results=results,
+        machine=machine,
     )
 
 

@@ -8,7 +8,11 @@ import os
 import struct
 import subprocess
 import sys
+import threading
+import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +132,29 @@ def run_python(code: str, *, env: dict[str, str] | None = None, timeout: float =
         env={**os.environ, **(env or {})},
         cwd=Path(__file__).resolve().parents[1],
     )
+
+
+@contextmanager
+def live_server(app, *, timeout_s: float = 120) -> Iterator[str]:
+    """Serve ``app`` (from ``serve.create_app``) with uvicorn, as ``malaria-cells serve`` does (same timeouts and
+    header limit), in a background thread on a free 127.0.0.1 port; yield its base URL. Stopped on exit."""
+    import uvicorn
+
+    from malaria_cells.serve import bind_socket, uvicorn_config
+
+    sock = bind_socket("127.0.0.1", 0)  # bound here, so the port cannot be taken between choosing and binding
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the test server on port {port} did not start within {timeout_s:g} s")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import numpy as np
 
+from malaria_cells import cache as cache_module
 from malaria_cells.cache import build_or_load, cache_key
 from malaria_cells.data import scan
 from malaria_cells.preprocess import letterbox, load_image
@@ -45,3 +49,30 @@ def test_corrupt_image_is_flagged_not_fatal(tmp_path, synthetic_data):
     # the error survives a reload from disk
     again = build_or_load(images=found.images, size=32, root=found.root, cache_dir=tmp_path, n_workers=1)
     assert not again.ok[i] and not again.built
+
+
+def test_unreadable_images_are_logged_not_printed(tmp_path, synthetic_data, caplog, capsys):
+    bad = sorted((synthetic_data / "Uninfected").glob("*.png"))[:2]
+    for p in bad:
+        p.write_bytes(b"")
+    found = scan(synthetic_data)
+    with caplog.at_level(logging.WARNING, logger="malaria_cells.cache"):
+        cache = build_or_load(images=found.images, size=16, root=found.root, cache_dir=tmp_path, n_workers=1)
+    assert (~cache.ok).sum() == 2
+    warned = [r for r in caplog.records if r.name == "malaria_cells.cache" and r.levelno == logging.WARNING]
+    assert len(warned) == 2 and all(r.getMessage().startswith("skipped ") for r in warned)
+    for p in bad:
+        assert sum(str(p) in r.getMessage() for r in warned) == 1
+    assert not any(re.search(r"\[/?(yellow|red|green|bold)", r.getMessage()) for r in warned)  # no rich markup
+    assert capsys.readouterr() == ("", "")
+
+
+def test_many_unreadable_images_are_summarised(tmp_path, synthetic_data, caplog, monkeypatch):
+    monkeypatch.setattr(cache_module, "SHOWN_ERRORS", 1)
+    for p in sorted((synthetic_data / "Uninfected").glob("*.png"))[:3]:
+        p.write_bytes(b"")
+    found = scan(synthetic_data)
+    with caplog.at_level(logging.WARNING, logger="malaria_cells.cache"):
+        build_or_load(images=found.images, size=16, root=found.root, cache_dir=tmp_path, n_workers=1)
+    messages = [r.getMessage() for r in caplog.records if r.name == "malaria_cells.cache"]
+    assert len(messages) == 2 and messages[1].startswith("... and 2 more unreadable images")

@@ -154,3 +154,21 @@ def test_manifest_hash_changes_with_content(synthetic_data):
     f = next((synthetic_data / "Uninfected").glob("*.png"))
     Image.fromarray(np.zeros((10, 90, 3), np.uint8)).save(f)
     assert D.scan(synthetic_data).manifest_hash != h1
+
+
+def test_read_bytes_of_files_and_zip_members(tmp_path):
+    from malaria_cells import io as mio
+
+    assert D.read_bytes is mio.read_bytes and D.ZIP_SEP == mio.ZIP_SEP == "::"  # one reader, used below data too
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    archive = tmp_path / "x.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("dir/m.png", b"member")
+    assert D.read_bytes(str(tmp_path / "a.bin")) == b"abc"
+    assert D.read_bytes(f"{archive}::dir/m.png") == b"member"
+    for missing in (f"{archive}::dir/none.png", f"{tmp_path / 'none.zip'}::m.png", str(tmp_path / "none.bin")):
+        with pytest.raises(OSError):
+            D.read_bytes(missing)
+    (tmp_path / "broken.zip").write_bytes(b"not a zip")
+    with pytest.raises(OSError):
+        D.read_bytes(f"{tmp_path / 'broken.zip'}::m.png")

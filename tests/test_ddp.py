@@ -32,6 +32,7 @@ from torch import nn
 from malaria_cells import distributed
 from malaria_cells.config import resolve_config
 from malaria_cells.models import CustomCNN
+from malaria_cells.run import Run
 from malaria_cells.train import train
 
 # One step per run: the 120 synthetic cells leave 84 for training, one global batch of 64.
@@ -69,7 +70,7 @@ def test_two_processes_take_the_single_process_step(tmp_path, synthetic_data):
     assert sorted(p.name for p in multi.iterdir()) == sorted(p.name for p in single.iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cells", "multi", "single"]
     runs = (single, multi)
-    meta_1, meta_2 = (json.loads((r / "metadata.json").read_text()) for r in runs)
+    meta_1, meta_2 = (Run.open(r).meta.to_dict() for r in runs)
     assert (meta_1["world_size"], meta_2["world_size"]) == (1, 2)
 
     (row_1,), (row_2,) = ([json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in runs)
@@ -78,7 +79,7 @@ def test_two_processes_take_the_single_process_step(tmp_path, synthetic_data):
 
     # The step's gradient, averaged over ranks by DDP (summed instead would be 1.0 apart).
     def gradient(run: Path) -> torch.Tensor:
-        state = torch.load(run / "state.pt", weights_only=False)["optimizer"]["state"]
+        state = Run(run).load_state().optimizer["state"]
         return torch.cat([state[k]["exp_avg"].flatten().double() for k in sorted(state)])
 
     g_1, g_2 = gradient(single), gradient(multi)

@@ -4,19 +4,38 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from malaria_cells import ensemble as E
+from malaria_cells.augment import DIHEDRAL, MAX_VIEWS, dihedral_view, view
 
 
-def test_dihedral_gives_the_eight_distinct_views_of_a_square() -> None:
+def test_tta_gives_the_eight_distinct_views_of_a_square() -> None:
     img = np.arange(9, dtype=np.uint8).reshape(1, 3, 3, 1)  # no symmetry: every view differs
-    views = [E.dihedral(img, v)[0, :, :, 0] for v in range(8)]
-    assert len({v.tobytes() for v in views}) == 8
+    views = [f(img)[0, :, :, 0] for f in E.tta_views()]
+    assert len(views) == 8 and len({v.tobytes() for v in views}) == 8
     assert (views[0] == img[0, :, :, 0]).all()
     assert (views[2] == img[0, ::-1, ::-1, 0]).all()  # 180 degrees
-    assert (views[4] == img[0, :, ::-1, 0]).all()  # mirror
+    assert (views[5] == img[0, :, ::-1, 0]).all()  # mirror (left-right)
+    # a quarter turn then a mirror: the reflection across the anti-diagonal
+    assert (views[1] == img[0, ::-1, ::-1, 0].T).all()
     with pytest.raises(ValueError):
-        E.dihedral(img, 8)
+        dihedral_view(img, 8)
+    with pytest.raises(ValueError):
+        dihedral_view(img, -1)
+
+
+@pytest.mark.parametrize("k", range(MAX_VIEWS))
+def test_view_k_is_the_same_transform_for_tta_and_the_feature_stores(k: int) -> None:
+    # TTA (numpy, ensemble) and the frozen-backbone feature stores (torch, augment.view) number the views once.
+    rng = np.random.default_rng(k)
+    batch = rng.integers(0, 256, (2, 5, 5, 3), dtype=np.uint8)
+    tta = E.tta_views()[k](batch)
+    stored = view(torch.from_numpy(batch), k, None).numpy()
+    assert np.array_equal(tta, stored)
+    turns, mirror = DIHEDRAL[k]
+    expected = np.rot90(batch, turns, axes=(1, 2))
+    assert np.array_equal(tta, expected[:, :, ::-1] if mirror else expected)
 
 
 @pytest.mark.parametrize(

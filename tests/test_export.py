@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 
 from deploy_helpers import tiny_onnx, tiny_run
 from malaria_cells import export as E
+from malaria_cells.backends import CARD_KEYS, ONNX_FORMAT, ONNX_INPUT, TorchBackend, probabilities
 from malaria_cells.cli import app
-from malaria_cells.predict import CARD_KEYS, ONNX_FORMAT, ONNX_INPUT, Classifier
+from malaria_cells.predict import Classifier
 from malaria_cells.preprocess import Preprocessing
-from malaria_cells.train import load_run_model, save_weights
+from malaria_cells.run import Run
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,7 @@ def test_fp32_export_parity_metadata_and_dynamic_batch(base: Path, tmp_path: Pat
     size = run_meta["preprocessing"]["input_size"]
     assert inp.name == ONNX_INPUT and inp.type == "tensor(uint8)" and inp.shape[1:] == [size, size, 3]
     images = E.synthetic_cells(7, size)
-    model, _ = load_run_model(run)
-    ref = E.torch_probs(model, Preprocessing.from_dict(run_meta["preprocessing"]), images)
+    ref = probabilities(TorchBackend(run, device="cpu"), images)
     for n in (1, 7):
         logit, prob = sess.run(None, {ONNX_INPUT: images[:n]})
         assert logit.shape == (n,) and prob.shape == (n,)
@@ -142,7 +142,7 @@ def test_timm_model_exports_with_parity(base: Path, tmp_path: Path) -> None:
     model = build_model("efficientnet-lite0").eval()
     fake = tmp_path / "lite0"
     fake.mkdir()
-    save_weights(model, fake / "best.safetensors")
+    Run(fake).save_weights(model, "best")
     meta = json.loads((run / "metadata.json").read_text())
     meta.update(
         model="efficientnet-lite0",

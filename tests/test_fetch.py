@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from malaria_cells import progress
+from malaria_cells.errors import EXIT_DATA, MalariaCellsError
 from malaria_cells.fetch import OFFLINE_HINT, FetchError, fetch_archive, sha256_file
 
 ARCHIVE = "cell_images.zip"
@@ -320,3 +322,51 @@ def test_unreachable_url_raises_with_hint(tmp_path: Path) -> None:
     assert OFFLINE_HINT in str(info.value)
     assert "--data" in str(info.value)
     assert not (tmp_path / ARCHIVE).exists()
+
+
+class _Recorder(progress.Reporter):
+    """Keeps every task's description, total and final count."""
+
+    def __init__(self) -> None:
+        self.tasks: list[dict] = []
+
+    def start(self, description: str, *, total: float | None, completed: float = 0, transient: bool = False) -> int:
+        self.tasks.append({"description": description, "total": total, "completed": completed, "closed": False})
+        return len(self.tasks) - 1
+
+    def advance(self, handle: int, n: float) -> None:
+        self.tasks[handle]["completed"] += n
+
+    def update(self, handle: int, *, completed=None, total=None, status=None) -> None:
+        if completed is not None:
+            self.tasks[handle]["completed"] = completed
+
+    def close(self, handle: int) -> None:
+        self.tasks[handle]["closed"] = True
+
+
+@pytest.mark.parametrize("show", [True, False])
+def test_progress_goes_to_the_reporter_and_nothing_is_printed(serve, tmp_path: Path, capsys, show: bool) -> None:
+    payload = _cell_zip()
+    server = serve(payload)
+    recorder = _Recorder()
+    with progress.reporting(recorder):
+        _fetch(server, tmp_path, payload, progress=show)
+    out, err = capsys.readouterr()
+    assert out == err == ""
+    if not show:
+        assert recorder.tasks == []
+        return
+    download, unpack = recorder.tasks
+    assert download["description"] == f"download {ARCHIVE}"
+    assert download["total"] == download["completed"] == len(payload) and download["closed"]
+    with zipfile.ZipFile(tmp_path / ARCHIVE) as zf:
+        members = [i for i in zf.infolist() if "__MACOSX" not in i.filename and "Thumbs" not in i.filename]
+    assert unpack["description"] == f"unpack {ARCHIVE}"
+    assert unpack["total"] == unpack["completed"] == len(members) and unpack["closed"]
+
+
+def test_fetch_error_is_a_data_error_with_a_code() -> None:
+    assert issubclass(FetchError, MalariaCellsError)
+    e = FetchError("x")
+    assert e.code == "fetch_failed" and e.exit_code == EXIT_DATA

@@ -7,6 +7,7 @@ from collections import defaultdict
 import pytest
 
 from malaria_cells.data import scan
+from malaria_cells.errors import EXIT_USAGE, ConfigError, MalariaCellsError
 from malaria_cells.split import LEAKY, LeakageError, describe, load_split, make_split, save_split
 
 
@@ -63,5 +64,21 @@ def test_leaky_split_is_labelled_and_leaks(synthetic_data, tmp_path):
 
 
 def test_bad_fractions_rejected(synthetic_data):
-    with pytest.raises(ValueError):
-        make_split(scan(synthetic_data).images, test_fraction=0.6)
+    images = scan(synthetic_data).images
+    for kw in ({"test_fraction": 0.6}, {"test_fraction": 0.0}, {"val_fraction": 0.5}, {"val_fraction": -0.1}):
+        with pytest.raises(ValueError):  # a ConfigError: a ValueError with a code and exit code 2
+            make_split(images, **kw)
+    with pytest.raises(ConfigError, match="unknown split kind") as e:
+        make_split(images, kind="by-slide")
+    assert e.value.exit_code == EXIT_USAGE
+
+
+def test_leakage_error_has_a_machine_code(tmp_path, synthetic_data):
+    images = scan(synthetic_data).images
+    path = tmp_path / "split.csv"
+    save_split(make_split(images, seed=0), images, path)
+    text = path.read_text()
+    path.write_text(text.replace(",test,", ",train,", 1))
+    with pytest.raises(MalariaCellsError) as e:
+        load_split(path)
+    assert isinstance(e.value, LeakageError) and e.value.code == "split_leaks"

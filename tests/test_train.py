@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from malaria_cells.config import resolve_config
+from malaria_cells.config import load_config, resolve_config
 from malaria_cells.models import CustomCNN, count_parameters
 from malaria_cells.split import load_split
 from malaria_cells.train import augment, lr_lambda, train
@@ -36,7 +36,10 @@ def test_run_folder_contents(tmp_path, synthetic_data):
     load_split(run / "split.csv")  # patient-disjoint
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
-    assert "config.yaml" and "input_size: 32" in (run / "config.yaml").read_text()
+    assert "input_size: 32" in (run / "config.yaml").read_text()
+    assert load_config(run / "config.yaml") == resolve_config(overrides=FAST).replace(
+        strategy="scratch", weights="none", lr=3e-3, head_hidden=None
+    )  # the saved config is the resolved one: every "model's default" filled in
 
 
 def _env():

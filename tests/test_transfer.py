@@ -20,9 +20,11 @@ from malaria_cells.cache import build_or_load
 from malaria_cells.cli import app
 from malaria_cells.config import resolve_config
 from malaria_cells.data import scan
+from malaria_cells.errors import EXIT_UNAVAILABLE
 from malaria_cells.models import build_model, to_input
 from malaria_cells.preprocess import Preprocessing
-from malaria_cells.train import load_run_model, resolve_model_defaults, train
+from malaria_cells.run import Run
+from malaria_cells.train import resolve_model_defaults, train
 from malaria_cells.transfer import cut_index, stage_groups
 from malaria_cells.weights import WeightsUnavailable, load_pretrained
 
@@ -106,7 +108,18 @@ def test_feature_cache_holds_the_backbone_outputs_and_is_reused(workdir: Path, f
                 torch.from_numpy(np.asarray(cache.array[idx])), v, view_jitter(v, len(images))[idx] if v else None
             )
             expected = model.backbone(to_input(u8, prep)).numpy()
-            np.testing.assert_allclose(feats[v, idx].astype(np.float32), expected, rtol=2e-2, atol=2e-2)
+            stored = feats[v, idx].astype(np.float32)
+            if meta["precision"] == "fp32":
+                np.testing.assert_allclose(stored, expected, rtol=2e-2, atol=2e-2)
+            else:
+                # bf16 autocast (a CPU with native bf16) rounds each layer to 8 significant bits, and how much
+                # depends on the batch the cell was in: compare directions. The synthetic cells look alike (cosine
+                # ~0.97-0.98 between two cells), so each stored vector must match its own cell far closer than that.
+                unit_s = stored / np.linalg.norm(stored, axis=1, keepdims=True)
+                unit_e = expected / np.linalg.norm(expected, axis=1, keepdims=True)
+                cosine = unit_s @ unit_e.T
+                assert (np.diag(cosine) > 0.995).all(), np.diag(cosine)
+                assert (cosine.argmax(axis=1) == np.arange(len(idx))).all()  # nearest: the cell itself
     assert not np.allclose(feats[0, idx], feats[1, idx])  # view 1 is another transform of the cell
 
     again = train(config=_config(workdir, strategy="frozen"), data_dir=workdir / "cells", run_dir=workdir / "frozen2")
@@ -160,7 +173,7 @@ def test_run_from_before_the_head_option_loads_with_a_linear_head(tmp_path: Path
     (old / "metadata.json").write_text(json.dumps(meta))
     linear = build_model(LITE0, head_hidden=0)
     save_file({k: v.contiguous() for k, v in linear.state_dict().items()}, str(old / "best.safetensors"))
-    model, _ = load_run_model(old)
+    model = Run.open(old).load_model()
     assert isinstance(model.head, torch.nn.Linear)
     assert torch.equal(model.head.weight, linear.head.weight)
 
@@ -189,7 +202,7 @@ def test_missing_imagenet_weights_stop_training(tmp_path: Path, synthetic_data: 
     result = CliRunner().invoke(
         app, ["train", "--model", "resnet50v2", "--data", str(synthetic_data), "--out", str(tmp_path / "cli")]
     )
-    assert result.exit_code == 2
+    assert result.exit_code == EXIT_UNAVAILABLE  # the errors.py table: pretrained weights unavailable
     assert "could not be downloaded" in result.output and "--weights FILE" in result.output
     assert not (tmp_path / "cli").exists()
 

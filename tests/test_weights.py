@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from skimage import data as skdata
 from skimage.transform import resize
 
+from malaria_cells.models import MODELS, default_preprocessing
 from malaria_cells.weights import TIMM_ARCH, WeightsUnavailable, load_pretrained, weights_preprocessing
 
 # A backbone tensor that exists in every resnetv2_50 (stem conv) and is randomly initialised.
@@ -51,10 +52,20 @@ def _imagenet_top5(model: torch.nn.Module, image: np.ndarray) -> set[int]:
 
 
 def test_preprocessing_comes_from_pretrained_cfg() -> None:
-    # Both default tags (tf_efficientnet_lite0.in1k, resnetv2_50.a1h_in1k) were trained on [-1, 1] inputs.
-    for name in TIMM_ARCH:
+    # Both default tags (tf_efficientnet_lite0.in1k, resnetv2_50.a1h_in1k) were trained on [-1, 1] inputs. The
+    # registry is the one place the normalisation is written; it must agree with what timm says of the weights.
+    assert TIMM_ARCH and set(TIMM_ARCH) == {n for n, s in MODELS.items() if s.timm_arch}
+    for name, arch in TIMM_ARCH.items():
+        cfg = timm.models.get_pretrained_cfg(arch).to_dict()
+        spec = MODELS[name]
+        assert spec.timm_arch == arch
+        assert (tuple(cfg["mean"]), tuple(cfg["std"])) == (spec.mean, spec.std)
+        assert cfg["interpolation"] == "bicubic"  # as the module docstring says
         pre = weights_preprocessing(name)
-        assert pre == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic"}
+        assert pre == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+        assert pre == {"mean": list(default_preprocessing(name).mean), "std": list(default_preprocessing(name).std)}
+    with pytest.raises(ValueError, match="unknown model name"):
+        weights_preprocessing("custom-cnn")  # no pretrained weights, so no such preprocessing
 
 
 def test_lite0_imagenet_recognises_cat_and_coffee(lite0_imagenet: tuple[torch.nn.Module, dict]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,13 @@ import numpy as np
 from malaria_cells.data import CellImage
 from malaria_cells.io import atomic_write_json
 from malaria_cells.preprocess import ImageError, letterbox, load_image
-from malaria_cells.progress import console, parallel_map
+from malaria_cells.progress import parallel_map
 
 CACHE_ENV = "MALARIA_CELLS_CACHE"
 VERSION = 1  # bump when the letterbox or decoding changes
+SHOWN_ERRORS = 20  # unreadable images logged one by one; the rest are counted (all are in the cache's .json)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,15 +83,15 @@ def build_or_load(
 ) -> ImageCache:
     """Return the cache for these images at this size, building it (in parallel, with progress) if needed.
 
-    Unreadable images are reported with their path and reason and left black with ``ok=False``; callers
-    drop them.
+    Unreadable images are logged (warnings of this module's logger) with their path and reason and left black with
+    ``ok=False``; callers drop them.
 
     Args:
         images: the images, in the order the array will have.
         size: input side in px.
         root: the data root (part of the key).
         cache_dir: see :func:`default_cache_dir`.
-        n_workers: decoding processes (default: all cores).
+        n_workers: decoding processes (default: the cores this process may use).
 
     Returns:
         The cache.
@@ -120,10 +124,10 @@ def build_or_load(
     os.replace(tmp, data_path)
     meta = {"n": n, "size": size, "version": VERSION, "errors": {str(k): v for k, v in sorted(errors.items())}}
     atomic_write_json(meta_path, meta)
-    for _, reason in sorted(errors.items())[:20]:
-        console.print(f"[yellow]skipped[/] {reason}")
-    if len(errors) > 20:
-        console.print(f"[yellow]... and {len(errors) - 20} more unreadable images (see {meta_path})[/]")
+    for _, reason in sorted(errors.items())[:SHOWN_ERRORS]:
+        log.warning("skipped %s", reason)
+    if len(errors) > SHOWN_ERRORS:
+        log.warning("... and %d more unreadable images (see %s)", len(errors) - SHOWN_ERRORS, meta_path)
     return _open(data_path, meta, n, size, built=True)
 
 

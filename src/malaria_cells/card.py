@@ -7,6 +7,7 @@ from pathlib import Path
 
 from malaria_cells.evaluate import REPORT_METRICS, format_ci
 from malaria_cells.io import atomic_write_text
+from malaria_cells.run import Run
 
 
 def _onnx_props(path: Path) -> dict:
@@ -33,14 +34,17 @@ def render_model_card(*, run_dir: Path, eval_json: Path, onnx_paths: list[Path],
 
     Returns:
         Markdown text.
+
+    Raises:
+        RunError: ``run_dir`` is not a finished run, or its metadata is broken.
     """
-    meta = json.loads((Path(run_dir) / "metadata.json").read_text())
-    ev = json.loads(Path(eval_json).read_text())
-    prep = meta["preprocessing"]
-    counts = {r["split"]: r for r in meta["split_counts"]}
+    meta = Run.open(run_dir).meta
+    ev = json.loads(Path(eval_json).read_text(encoding="utf-8"))
+    prep = meta.preprocessing
+    counts = {r["split"]: r for r in meta.split_counts}
     test_patients = [r["patient"] for r in ev["per_patient"]]
     lines = [
-        f"# Model card: malaria-cells default model ({meta['model']})",
+        f"# Model card: malaria-cells default model ({meta.model})",
         "",
         "> **Intended use: research and teaching only. Not a medical device; not for diagnosis or any clinical",
         "> decision.** A cell-level classifier: it says whether one segmented red blood cell image looks",
@@ -48,15 +52,15 @@ def render_model_card(*, run_dir: Path, eval_json: Path, onnx_paths: list[Path],
         "",
         "## Model",
         "",
-        f"- Architecture: `{meta['model']}` ({meta['strategy']}, weights: {meta['weights']}), "
-        f"{meta['parameters']:,} parameters; one logit, sigmoid = P(Parasitized).",
-        f"- Input: RGB letterboxed to {prep['input_size']}×{prep['input_size']} px (aspect kept, black padding), "
-        f"scaled to [0, 1], then (x − {prep['mean']}) / {prep['std']}; the ONNX graph takes uint8 pixels and "
+        f"- Architecture: `{meta.model}` ({meta.strategy}, weights: {meta.weights}), "
+        f"{meta.parameters:,} parameters; one logit, sigmoid = P(Parasitized).",
+        f"- Input: RGB letterboxed to {prep.input_size}×{prep.input_size} px (aspect kept, black padding), "
+        f"scaled to [0, 1], then (x − {list(prep.mean)}) / {list(prep.std)}; the ONNX graph takes uint8 pixels and "
         "normalises inside.",
-        f"- Decision threshold: **{meta['threshold']:.4f}** on P(Parasitized), chosen on the validation patients "
-        f"({meta['threshold_method']}); stored in the model file.",
-        f"- Trained {meta['epochs_run']} epochs (best: {meta['best_epoch']}; {meta['stopped']}), "
-        f"{meta['train_time_s'] / 60:.1f} min wall time on this project's 2-core CPU machine ({meta['precision']}; "
+        f"- Decision threshold: **{meta.threshold:.4f}** on P(Parasitized), chosen on the validation patients "
+        f"({meta.threshold_method}); stored in the model file.",
+        f"- Trained {meta.epochs_run} epochs (best: {meta.best_epoch}; {meta.stopped}), "
+        f"{meta.train_time_s / 60:.1f} min wall time on this project's 2-core CPU machine ({meta.precision}; "
         "wall time includes any other load the machine carried during training).",
         "",
         "## Data",
@@ -64,8 +68,8 @@ def render_model_card(*, run_dir: Path, eval_json: Path, onnx_paths: list[Path],
         "- NIH / NLM malaria cell images (Rajaraman et al., PeerJ 2018): Giemsa-stained thin blood smears from "
         "Chittagong Medical College Hospital, Bangladesh; cells labelled by an expert slide reader.",
         f"- This project's development share: 150 of the 200 patients (data manifest sha256 "
-        f"`{meta['data_manifest_sha256'][:16]}…`). 50 patients are withheld for independent judging.",
-        f"- Split: **by patient** ({meta['split_kind']}), seeded, stratified by infected / uninfected-only "
+        f"`{meta.data_manifest_sha256[:16]}…`). 50 patients are withheld for independent judging.",
+        f"- Split: **by patient** ({meta.split_kind}), seeded, stratified by infected / uninfected-only "
         "patients; no patient's cells are in two splits.",
         "",
         "| Split | Images | Parasitized | Uninfected | Patients | Infected patients | Uninfected-only |",

@@ -1,22 +1,92 @@
-"""The ``malaria-cells`` command line: a thin layer over the library. The only module that parses arguments."""
+"""The ``malaria-cells`` command line: a thin layer over the library. The only module that parses arguments.
+
+Every command runs inside :func:`malaria_cells.terminal.cli_session` (the library's log lines and progress become
+rich output on stderr) and :func:`_guarded`: a :class:`~malaria_cells.errors.MalariaCellsError` becomes one
+``error:`` line and its exit code (the table in :mod:`malaria_cells.errors`); anything else is a crash, with its
+traceback.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(
+from malaria_cells import __version__
+
+
+def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command with the CLI's rendering, turning the library's errors into one line and an exit code."""
+
+    @functools.wraps(fn)  # typer reads the signature through __wrapped__
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from rich.markup import escape
+
+        from malaria_cells.errors import EXIT_USAGE, MalariaCellsError
+        from malaria_cells.terminal import cli_session, console
+
+        with cli_session():
+            try:
+                return fn(*args, **kwargs)
+            except MalariaCellsError as e:
+                # soft_wrap: one line however narrow the terminal, so scripts and logs can grep it.
+                console.print(f"[bold red]error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
+                raise typer.Exit(e.exit_code) from None
+            except FileExistsError as e:  # e.g. train --out onto an existing run
+                console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+                raise typer.Exit(EXIT_USAGE) from None
+
+    return wrapper
+
+
+class _Typer(typer.Typer):
+    """typer.Typer whose commands all run through :func:`_guarded`."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        register = super().command(*args, **kwargs)
+
+        def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+            register(_guarded(fn))
+            return fn
+
+        return decorator
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"malaria-cells {__version__}")
+        raise typer.Exit(0)
+
+
+app = _Typer(
     help="Train, evaluate and deploy malaria cell classifiers (Parasitized vs Uninfected) with patient-disjoint "
     "splits. Research and education use only; not for diagnosis.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Inspect, split and download the cell images.", no_args_is_help=True)
+data_app = _Typer(help="Inspect, split and download the cell images.", no_args_is_help=True)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Train, evaluate and deploy malaria cell classifiers. Research and education use only; not for diagnosis.
+
+    Exit codes: 0 ok; 1 some inputs failed (each has an error row); 2 usage, config or model error; 3 data error;
+    4 something needed cannot be had here (pretrained weights); 130 interrupted.
+    """
+
+
 app.add_typer(data_app, name="data")
 
 DataOpt = Annotated[
@@ -30,20 +100,20 @@ DataOpt = Annotated[
 
 
 def _fail(msg: str) -> None:
-    from malaria_cells.progress import console
+    """A usage error found by the CLI itself: one line, exit 2."""
+    from rich.markup import escape
 
-    console.print(f"[bold red]error:[/] {msg}")
-    raise typer.Exit(2)
+    from malaria_cells.errors import EXIT_USAGE
+    from malaria_cells.terminal import console
+
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_USAGE)
 
 
 def _data(path: Path | None) -> Path:
-    from malaria_cells.data import DataError, resolve_data_dir
+    from malaria_cells.data import resolve_data_dir
 
-    try:
-        return resolve_data_dir(path)
-    except DataError as e:
-        _fail(str(e))
-        raise
+    return resolve_data_dir(path)  # DataError: exit 3 with the way to get the data (see _guarded)
 
 
 @app.command("models")
@@ -52,7 +122,7 @@ def models_cmd() -> None:
     from rich.table import Table
 
     from malaria_cells.models import MODELS
-    from malaria_cells.progress import console
+    from malaria_cells.terminal import console
 
     t = Table(title="models")
     for col in ("name", "input px", "default strategy", "strategies", "weights", "description"):
@@ -75,13 +145,10 @@ def data_check(
     """
     from rich.table import Table
 
-    from malaria_cells.data import DataError, check
-    from malaria_cells.progress import console
+    from malaria_cells.data import check
+    from malaria_cells.terminal import console
 
-    try:
-        report = check(source, n_workers=workers)
-    except DataError as e:
-        _fail(str(e))
+    report = check(source, n_workers=workers)
     s = report.summary
     t = Table(title=f"{source}: {report.ok:,} usable images")
     t.add_column("what")
@@ -127,8 +194,8 @@ def data_split(
     from rich.table import Table
 
     from malaria_cells.data import scan
-    from malaria_cells.progress import console
     from malaria_cells.split import LEAKY, PATIENT, describe, make_split, save_split
+    from malaria_cells.terminal import console
 
     found = scan(_data(data))
     split = make_split(
@@ -158,7 +225,7 @@ def data_fetch(
 ) -> None:
     """Download the official NIH archive (353 MB) with progress, resume and checksum check, and unpack it."""
     from malaria_cells import fetch
-    from malaria_cells.progress import console
+    from malaria_cells.terminal import console
 
     custom = url is not None
     try:
@@ -174,108 +241,130 @@ def data_fetch(
     console.print(f"[green]ready:[/] {folder}  (use --data {folder})")
 
 
-def _config_overrides(**kw) -> dict:
-    return {k: v for k, v in kw.items() if v is not None}
+# Flags whose name differs from their config field (kept for scripts written against earlier versions).
+_FLAG_NAMES = {"time_budget_s": "--time-budget"}
 
 
-@app.command("train")
+def _config_flags() -> list[inspect.Parameter]:
+    """One ``--flag`` per :class:`~malaria_cells.config.TrainConfig` field, its help and type from the field.
+
+    The config model is the one home of the defaults and their help: a flag left unset is ``None`` and never
+    overrides the YAML file or the default.
+    """
+    import types
+    import typing
+
+    from malaria_cells.config import TrainConfig
+
+    params = []
+    for name, field in TrainConfig.model_fields.items():
+        base = field.annotation
+        if isinstance(base, types.UnionType) or typing.get_origin(base) is typing.Union:
+            base = next(a for a in typing.get_args(base) if a is not type(None))
+        if typing.get_origin(base) is typing.Literal:
+            choices = typing.get_args(base)
+            base = str
+        else:
+            choices = None
+        flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        default = "" if field.default is None else f" (default {field.default})"  # not [..]: rich markup
+        extra = f" One of: {', '.join(choices)}." if choices and "|" not in (field.description or "") else ""
+        decls = (f"{flag}/--no-{name.replace('_', '-')}",) if base is bool else (flag,)
+        option = typer.Option(*decls, help=f"{field.description}{extra}{default}", show_default=False)
+        params.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[base | None, option]
+            )
+        )
+    return params
+
+
 def train_cmd(
-    model: Annotated[str | None, typer.Option(help="Registry name (see `malaria-cells models`).")] = None,
-    data: DataOpt = None,
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML file of config fields.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<model>-<date-time>).")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue this run folder from its last epoch.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="scratch | frozen | finetune (default: model's).")] = None,
-    weights: Annotated[str | None, typer.Option(help="imagenet | FILE | none (default: model's).")] = None,
-    init_from: Annotated[str | None, typer.Option(help="Run folder whose best weights start this run.")] = None,
-    input_size: Annotated[int | None, typer.Option(help="Input side in px (default: model's).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default: model's).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per step (default 64).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: model's).")] = None,
-    unfreeze_stages: Annotated[int | None, typer.Option(help="finetune: top stages that train.")] = None,
-    head_hidden: Annotated[
-        int | None, typer.Option(help="timm models: hidden units of the head, 0 = linear (default: model's).")
-    ] = None,
-    patience: Annotated[int | None, typer.Option(help="Early stopping patience in epochs (default 5).")] = None,
-    max_images: Annotated[int | None, typer.Option(help="Class-balanced subset size (quick runs).")] = None,
-    split: Annotated[str | None, typer.Option(help="patient (default) | image-leaky (audit only).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for split, subset, init and order (default 0).")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto | bf16 | fp32 (auto: bf16 where native).")] = None,
-    threads: Annotated[int | None, typer.Option(help="Torch threads (default: all cores).")] = None,
-    time_budget: Annotated[float | None, typer.Option(help="Stop after this many seconds of training.")] = None,
-    augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Cell augmentations.")] = None,
+    *,
+    data: Path | None = None,
+    config: Path | None = None,
+    out: Path | None = None,
+    resume: Path | None = None,
+    **fields: Any,
 ) -> None:
     """Train a model on a patient-disjoint split; writes a resumable run folder.
 
-    Config precedence: defaults < --config YAML < flags. The resolved config is saved in the run folder.
+    Config precedence: defaults < --config YAML < flags, validated before anything is read or written. The resolved
+    config is saved in the run folder.
     """
     from malaria_cells.config import resolve_config
-    from malaria_cells.progress import console
-    from malaria_cells.train import train
-    from malaria_cells.weights import WeightsUnavailable
+    from malaria_cells.terminal import console
 
     if resume is not None:
-        try:
-            run_dir = train(config=None, data_dir=_data(data), run_dir=resume, resume=True)  # type: ignore[arg-type]
-        except (WeightsUnavailable, ValueError) as e:
-            _fail(str(e))
+        from malaria_cells.train import train
+
+        run_dir = train(config=None, data_dir=_data(data), run_dir=resume, resume=True)
     else:
-        try:
-            cfg = resolve_config(
-                yaml_path=config,
-                overrides=_config_overrides(
-                    model=model,
-                    strategy=strategy,
-                    weights=weights,
-                    init_from=init_from,
-                    input_size=input_size,
-                    epochs=epochs,
-                    batch_size=batch_size,
-                    lr=lr,
-                    unfreeze_stages=unfreeze_stages,
-                    head_hidden=head_hidden,
-                    patience=patience,
-                    max_images=max_images,
-                    split=split,
-                    seed=seed,
-                    precision=precision,
-                    threads=threads,
-                    time_budget_s=time_budget,
-                    augment=augment,
-                ),
-            )
-        except ValueError as e:
-            _fail(str(e))
+        cfg = resolve_config(yaml_path=config, overrides=fields)  # a bad value stops here: nothing written yet
+        from malaria_cells.train import train  # torch: imported after the cheap checks
+
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        try:
-            run_dir = train(config=cfg, data_dir=_data(data), run_dir=out or Path("runs") / f"{cfg.model}-{stamp}")
-        except (WeightsUnavailable, ValueError) as e:  # e.g. no ImageNet weights: say what to pass, train nothing
-            _fail(str(e))
+        run_dir = train(config=cfg, data_dir=_data(data), run_dir=out or Path("runs") / f"{cfg.model}-{stamp}")
     console.print(f"[green]run folder:[/] {run_dir}   next: malaria-cells evaluate {run_dir}")
+
+
+train_cmd.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        inspect.Parameter("data", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=DataOpt),
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[Path | None, typer.Option("--config", "-c", help="YAML file of config fields.")],
+        ),
+        inspect.Parameter(
+            "out",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[Path | None, typer.Option(help="Run folder (default runs/<model>-<date-time>).")],
+        ),
+        inspect.Parameter(
+            "resume",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[Path | None, typer.Option(help="Continue this run folder from its last epoch.")],
+        ),
+        *_config_flags(),
+    ]
+)
+app.command("train")(train_cmd)
 
 
 @app.command("evaluate")
 def evaluate_cmd(
-    run: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    run: Annotated[Path, typer.Argument(help="A finished run folder, or an exported .onnx file (then --split all).")],
     data: DataOpt = None,
     split: Annotated[
         str, typer.Option(help="test | val | train (the run's split) | all (every image: other patients' data).")
     ] = "test",
-    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/eval-<split>).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default RUN/eval-<split>, or MODEL-eval-<split> beside a file).")
+    ] = None,
     n_boot: Annotated[int, typer.Option(help="Patient-bootstrap resamples for 95% CIs.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
 ) -> None:
-    """Clinical metrics with patient-bootstrap CIs, per-patient table, report.md and PNG plots."""
-    from malaria_cells.evaluate import evaluate_run
-    from malaria_cells.progress import console
+    """Clinical metrics with patient-bootstrap CIs, per-patient table, report.md and PNG plots.
 
-    if not (run / "metadata.json").exists():
-        _fail(f"{run}: not a finished run folder (no metadata.json)")
+    A run folder is scored on its own test split (or --split val/train/all); an exported ONNX file carries no
+    split, so it is scored with --split all on cells of patients it never saw. Exit code 2 for an unusable model
+    or run folder (the message names the file).
+    """
+    from malaria_cells.evaluate import default_out_dir, evaluate_run
+    from malaria_cells.render import evaluation_table
+    from malaria_cells.terminal import console
+
+    out_dir = out or default_out_dir(run, split)
     try:
-        evaluate_run(run_dir=run, data_dir=_data(data), split=split, out_dir=out, n_boot=n_boot, seed=seed)
-    except ValueError as e:
+        result = evaluate_run(model=run, data_dir=_data(data), split=split, out_dir=out_dir, n_boot=n_boot, seed=seed)
+    except ValueError as e:  # an unknown split, or none of its images in this data
         _fail(str(e))
-    console.print(f"[green]report:[/] {(out or run / f'eval-{split}') / 'report.md'}")
+    console.print(evaluation_table(result))
+    console.print(f"[green]report:[/] {out_dir / 'report.md'}")
 
 
 @app.command("reproduce")
@@ -297,10 +386,9 @@ def reproduce_cmd(
 
     Also runs the leakage audit (one model on a LEAKY by-image split). Rows whose pretrained weights cannot be
     had are reported as "ImageNet weights unavailable" and the others complete (exit 0 with a warning);
-    with --strict that is an error (exit 2) before anything trains.
+    with --strict that is an error (exit 4) before anything trains.
     """
     from malaria_cells.reproduce import reproduce
-    from malaria_cells.weights import WeightsUnavailable
 
     sources = {}
     for item in weights or []:
@@ -308,18 +396,15 @@ def reproduce_cmd(
         if not sep or not path:
             _fail(f"--weights takes MODEL=FILE, not {item!r}")
         sources[name] = path
-    try:
-        reproduce(
-            data_dir=_data(data),
-            out_dir=out or Path("runs") / ("reproduce-quick" if quick else "reproduce"),
-            quick=quick,
-            strict=strict,
-            seed=seed,
-            n_boot=n_boot,
-            weights=sources,
-        )
-    except (WeightsUnavailable, ValueError) as e:
-        _fail(str(e))
+    reproduce(
+        data_dir=_data(data),
+        out_dir=out or Path("runs") / ("reproduce-quick" if quick else "reproduce"),
+        quick=quick,
+        strict=strict,
+        seed=seed,
+        n_boot=n_boot,
+        weights=sources,
+    )
 
 
 ModelOpt = Annotated[
@@ -364,16 +449,20 @@ def predict_cmd(
     """Classify cell images; a file that cannot be read gets a row with its error and the rest go on.
 
     csv, jsonl and json are written as the images are classified (constant memory, any number of images);
-    a table is laid out at the end. Exit code 0 when every image was classified, 1 when any failed, 2 on a
-    usage or model error.
+    a table is laid out at the end. In folders, symbolic link loops, dangling links and unreadable subfolders get
+    error rows too. Exit code 0 when every image was classified, 1 when any failed, 2 on a usage or model error.
     """
     import contextlib
     import itertools
     import shutil
 
+    from malaria_cells.errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED
+    from malaria_cells.inputs import iter_inputs, shard_bounds
     from malaria_cells.io import atomic_write
-    from malaria_cells.predict import FORMATS, Classifier, ModelError, iter_inputs, render_predictions, shard_bounds
-    from malaria_cells.progress import console, make_progress, workers
+    from malaria_cells.predict import Classifier, decode_plan
+    from malaria_cells.progress import task
+    from malaria_cells.render import FORMATS, render_predictions
+    from malaria_cells.terminal import console
 
     if fmt not in FORMATS:
         _fail(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
@@ -391,18 +480,11 @@ def predict_cmd(
     start, stop = shard_bounds(n_files, index=index, count=count)
     if n_files == 0:
         _fail("no input files")
-    cores = workers()  # all cores, as the other commands count them
-    if decode_processes is None:
-        # Starting a process costs ~0.3 s: worth it only for many files, on more than one core. Decoding a cell
-        # costs about what the shipped model does, so half the cores decode and half run the model
-        # (benchmarks/decode_speed.py: 2 cores, 1 + 1 beat 2 model threads + 2 processes and threads alone).
-        decode_processes = cores // 2 if cores > 1 and stop - start >= 4 * batch_size else 0
-    if threads is None and decode_processes:
-        threads = max(1, cores - decode_processes)
-    try:
-        clf = Classifier.load(model, threads=threads, decode_processes=decode_processes)
-    except ModelError as e:
-        _fail(str(e))
+    threads, decode_processes = decode_plan(
+        stop - start, batch_size=batch_size, threads=threads, decode_processes=decode_processes
+    )
+    # An unusable model raises ModelError: one line naming the file, exit code 2 (see _guarded).
+    clf = Classifier.load(model, threads=threads, decode_processes=decode_processes)
     failed = total = 0
 
     def counted(preds):
@@ -417,29 +499,29 @@ def predict_cmd(
     def write(fh) -> None:
         files = itertools.islice(iter_inputs(paths), start, stop)
         # A bar only where it is worth watching.
-        with make_progress() if stop - start > batch_size else contextlib.nullcontext() as progress:
-            advance = None
-            if progress is not None:
-                task = progress.add_task(f"classifying {stop - start:,} images", total=stop - start)
-                advance = lambda k: progress.advance(task, k)  # noqa: E731
+        bar = task(f"classifying {stop - start:,} images", total=stop - start) if stop - start > batch_size else None
+        with bar or contextlib.nullcontext():
+            advance = bar.advance if bar is not None else None
             preds = clf.iter_predict(files, batch_size=batch_size, progress=advance)
             for piece in render_predictions(counted(preds), fmt=fmt, card=clf.card, width=width, header=header):
                 fh.write(piece)
 
-    if out is not None:
+    try:
+        if out is not None:
 
-        def to_file(tmp: Path) -> None:
-            with open(tmp, "w", encoding="utf-8", newline="") as fh:
-                write(fh)
+            def to_file(tmp: Path) -> None:
+                with open(tmp, "w", encoding="utf-8", newline="") as fh:
+                    write(fh)
 
-        atomic_write(out, to_file)  # a killed run leaves no half-written results file
-    else:
-        write(sys.stdout)
-    clf.close()
+            atomic_write(out, to_file)  # a killed run leaves no half-written results file
+        else:
+            write(sys.stdout)
+    finally:
+        clf.close()
     part = f" (shard {index + 1}/{count}: inputs {start + 1}-{stop} of {n_files:,})" if shard else ""
     summary = f"{total - failed} classified, {failed} failed{part}"
     console.print(f"[{'yellow' if failed else 'green'}]{summary}[/]" + (f" -> {out}" if out else ""))
-    raise typer.Exit(1 if failed else 0)
+    raise typer.Exit(EXIT_SOME_INPUTS_FAILED if failed else EXIT_OK)
 
 
 @app.command("explain")
@@ -450,25 +532,25 @@ def explain_cmd(
 ) -> None:
     """Grad-CAM heatmaps: one PNG per image with the label and P(Parasitized) in its title.
 
-    Exit code 1 when any image could not be read.
+    Exit code 1 when any image could not be read, 2 for an unusable model (the message names the file).
     """
-    from malaria_cells.predict import Classifier, ModelError, collect_inputs
-    from malaria_cells.progress import console
+    from malaria_cells.errors import EXIT_OK, EXIT_SOME_INPUTS_FAILED
+    from malaria_cells.inputs import collect_inputs
+    from malaria_cells.predict import Classifier
+    from malaria_cells.terminal import console
 
-    try:
-        clf = Classifier.load(model)
-        _ = clf.torch_model
-    except ModelError as e:
-        _fail(str(e))
+    # ModelError (unusable model, or an ONNX file: no gradients) -> one line naming the file, exit code 2.
+    clf = Classifier.load(model)
+    _ = clf.torch_model
     from malaria_cells.explain import explain_files
 
     results = explain_files(clf, collect_inputs(images), out_dir=out)
     for pred, path in results:
         if path is None:
-            console.print(f"[red]error[/] {pred.error}")
+            console.print(f"[red]error[/] {pred.error}", markup=True, highlight=False)
         else:
             console.print(f"{pred.label:12s} P(Parasitized)={pred.probability:.4f}  {path}")
-    raise typer.Exit(1 if any(p is None for _, p in results) else 0)
+    raise typer.Exit(EXIT_SOME_INPUTS_FAILED if any(p is None for _, p in results) else EXIT_OK)
 
 
 @app.command("export")
@@ -484,14 +566,15 @@ def export_cmd(
     """Export to ONNX with metadata inside, check parity with torch; optionally quantize to int8.
 
     The graph takes letterboxed uint8 RGB (N, S, S, 3); normalisation is inside. An int8 model whose test
-    accuracy drops by more than 0.5 points is exported with a warning recorded in its metadata.
+    accuracy drops by more than 0.5 points is exported with a warning recorded in its metadata. Exit code 2 for an
+    unusable run folder (the message names the file) or a failed check.
     """
-    from malaria_cells.export import ExportError, export_run
+    from malaria_cells.export import export_run
 
     if fmt != "onnx":
         _fail(f"--format {fmt!r} is not supported; only onnx")
-    if not (run / "metadata.json").exists():
-        _fail(f"{run}: not a finished run folder (no metadata.json)")
+    # ModelError (not a finished run, broken metadata.json or weights) and ExportError (a failed check) -> one line
+    # and exit code 2 (see _guarded).
     try:
         export_run(
             run_dir=run,
@@ -501,7 +584,7 @@ def export_cmd(
             quant_format=quant_format,
             calibration_images=calibration_images,
         )
-    except (ExportError, ValueError) as e:
+    except ValueError as e:  # e.g. --quant-format of another name
         _fail(str(e))
 
 
@@ -509,30 +592,47 @@ def export_cmd(
 def serve_cmd(
     model: ModelOpt = None,
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 is this machine only.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port (1-65535).")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted image file, in MB.")] = 10.0,
     max_files: Annotated[int, typer.Option(help="Most files in one request.")] = 32,
-    workers: Annotated[int, typer.Option(min=1, help="Requests classified at once; others wait their turn.")] = 1,
-    threads: Annotated[
-        int | None, typer.Option(min=1, help="Model threads per request (default: cores // workers).")
+    workers: Annotated[int, typer.Option(help="Model calls at once; others wait their turn.")] = 1,
+    threads: Annotated[int | None, typer.Option(help="Model threads per call (default: cores // workers).")] = None,
+    max_request_megapixels: Annotated[
+        float, typer.Option(help="Most decoded megapixels in one request; files beyond get 413.")
+    ] = 64.0,
+    max_requests: Annotated[int, typer.Option(help="Predictions admitted at once; more get 503.")] = 32,
+    max_inflight_mb: Annotated[
+        float | None, typer.Option(help="Upload MB admitted at once; more get 503 (default: two largest requests).")
+    ] = None,
+    body_timeout: Annotated[float, typer.Option(help="Seconds to receive one request body; slower gets 408.")] = 60.0,
+    decode_timeout: Annotated[float, typer.Option(help="Seconds one request may spend decoding its files.")] = 30.0,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds to receive a request's headers; slower connections are closed.")
+    ] = 10.0,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(help="Another Host name to serve besides localhost and --host (DNS rebinding check); repeat."),
     ] = None,
 ) -> None:
     """Serve the web page (drop cell images, see labels and heatmaps) and the JSON API (/docs)."""
-    from malaria_cells.predict import ModelError
-    from malaria_cells.serve import serve
+    from malaria_cells.serve import ServeConfig, check_port, serve
 
-    try:
-        serve(
-            model=model,
-            host=host,
-            port=port,
-            max_upload_mb=max_upload_mb,
-            max_files=max_files,
-            threads=threads,
-            workers=workers,
-        )
-    except ModelError as e:
-        _fail(str(e))
+    # Checked here, before anything loads: a bad value is one error line and exit code 2 (a ConfigError).
+    check_port(port)
+    config = ServeConfig(
+        max_upload_mb=max_upload_mb,
+        max_files=max_files,
+        workers=workers,
+        threads=threads,
+        max_request_megapixels=max_request_megapixels,
+        max_requests=max_requests,
+        max_inflight_mb=max_inflight_mb,
+        body_timeout_s=body_timeout,
+        decode_timeout_s=decode_timeout,
+        header_timeout_s=header_timeout,
+        allowed_hosts=tuple(allowed_host or ()),
+    )
+    serve(model=model, host=host, port=port, config=config)
 
 
 @app.command("model-card")
@@ -549,7 +649,7 @@ def model_card_cmd(
 ) -> None:
     """Render MODEL_CARD.md from a run's metadata, its test evaluation and its ONNX files (no hand-typed numbers)."""
     from malaria_cells.card import write_model_card
-    from malaria_cells.progress import console
+    from malaria_cells.terminal import console
 
     ev = eval_json or run / "eval-test" / "metrics.json"
     if not ev.exists():
@@ -560,11 +660,13 @@ def model_card_cmd(
 
 def main() -> None:
     """Console-script entry point."""
+    from malaria_cells.errors import EXIT_INTERRUPTED
+
     try:
         app()
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; a training run can be continued with `malaria-cells train --resume RUN`\n")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

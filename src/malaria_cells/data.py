@@ -2,7 +2,8 @@
 
 A data source is a folder holding ``Parasitized/`` and ``Uninfected/`` (any letter case, possibly one level
 down as in the NIH archive's ``cell_images/``), or the archive ``cell_images.zip`` itself. Images inside a
-zip are addressed as ``ARCHIVE.zip::MEMBER``.
+zip are addressed as ``ARCHIVE.zip::MEMBER`` (read with :func:`read_bytes`, which lives in :mod:`malaria_cells.io`
+so that decoding, below this module, can read such paths too).
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import re
 import zipfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
+
+from malaria_cells.errors import EXIT_DATA, MalariaCellsError
+from malaria_cells.io import ZIP_SEP, read_bytes  # re-exported: data.read_bytes is the public name too
 
 CLASSES = ("Uninfected", "Parasitized")  # index = label; Parasitized = 1 is the positive class
 POSITIVE = 1
 IMAGE_EXTS = (".png", ".webp", ".jpg", ".jpeg")
 DATA_ENV = "MALARIA_CELLS_DATA"
-ZIP_SEP = "::"
 
 # The patient is the number after the leading C of the slide prefix (the share's README): C100P61ThinF,
 # C12NThinF, C1_thinF, C3thin_original, C37BP2_thinF, C47P8thin_Original_Motic. The number must be followed by
@@ -29,8 +31,11 @@ _PATIENT_RE = re.compile(r"^C(\d+)(?=[A-Za-z_])")
 _PREFIX_RE = re.compile(r"^(.*?)_IMG_", re.IGNORECASE)
 
 
-class DataError(RuntimeError):
+class DataError(MalariaCellsError, RuntimeError):
     """The data cannot be found or used; the message says what to do."""
+
+    code = "data_unavailable"
+    exit_code = EXIT_DATA
 
 
 @dataclass(frozen=True)
@@ -197,30 +202,6 @@ def _zip_entries(archive: str) -> list[tuple[str, str, str, int]]:
     return out
 
 
-@lru_cache(maxsize=4)
-def _open_zip(archive: str) -> zipfile.ZipFile:
-    return zipfile.ZipFile(archive)
-
-
-def read_bytes(path: str) -> bytes:
-    """Read a file, or a member of a zip archive addressed as ``ARCHIVE.zip::MEMBER``.
-
-    Args:
-        path: the image's path.
-
-    Returns:
-        Its bytes.
-    """
-    if ZIP_SEP in path:
-        archive, member = path.split(ZIP_SEP, 1)
-        try:
-            return _open_zip(archive).read(member)
-        except (KeyError, zipfile.BadZipFile) as e:
-            raise OSError(str(e)) from None
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def summarize(images: list[CellImage]) -> dict:
     """Counts per class and per patient.
 
@@ -289,7 +270,7 @@ def check(source: str | Path, *, n_workers: int | None = None) -> CheckReport:
 
     Args:
         source: folder or zip archive.
-        n_workers: decoding processes (default: all cores).
+        n_workers: decoding processes (default: the cores this process may use).
 
     Returns:
         Counts per class and patient, size ranges, problems (path + reason) and duplicate groups.

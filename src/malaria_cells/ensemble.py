@@ -10,36 +10,23 @@ run at a time.
 
 from __future__ import annotations
 
-import csv
 import functools
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from malaria_cells import metrics as M
-from malaria_cells.config import load_config
+from malaria_cells.augment import MAX_VIEWS, dihedral_view
+from malaria_cells.data import parse_patient_id
 from malaria_cells.evaluate import image_key, predict_split
+from malaria_cells.io import atomic_write_text
 from malaria_cells.models import set_threads
-from malaria_cells.progress import console
+from malaria_cells.run import Run
 
-N_VIEWS = 8  # the dihedral group of the square: 4 rotations x optional mirror
-
-
-def dihedral(images: np.ndarray, view: int) -> np.ndarray:
-    """One of the 8 rotations/reflections of a batch of square images.
-
-    Args:
-        images: (N, S, S, C) array.
-        view: 0-7; 0 is the identity, 1-3 rotate by 90/180/270 degrees, 4-7 mirror first.
-
-    Returns:
-        The transformed batch (a view where numpy can, else a copy).
-    """
-    if not 0 <= view < N_VIEWS:
-        raise ValueError(f"view must be 0-{N_VIEWS - 1}, not {view}")
-    out = images[:, :, ::-1] if view >= 4 else images
-    return np.rot90(out, k=view % 4, axes=(1, 2))
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,6 +40,16 @@ class Probabilities:
     cells_per_s: float  # inference speed, all views included
 
 
+def tta_views() -> list[Callable[[np.ndarray], np.ndarray]]:
+    """The test-time augmentation views: the 8 numbered dihedral views of :mod:`malaria_cells.augment`.
+
+    Returns:
+        ``MAX_VIEWS`` functions of a uint8 (N, S, S, 3) batch; view ``k`` is ``augment.DIHEDRAL[k]``, the transform
+        the feature stores number ``k`` too.
+    """
+    return [functools.partial(dihedral_view, number=v) for v in range(MAX_VIEWS)]
+
+
 def run_probabilities(
     *, run_dir: Path, data_dir: Path, split: str, tta: bool = False, batch_size: int = 256
 ) -> Probabilities:
@@ -62,13 +59,13 @@ def run_probabilities(
         run_dir: a finished run.
         data_dir: the images.
         split: "val" or "test".
-        tta: average over the 8 dihedral views.
+        tta: average over the 8 dihedral views (:func:`tta_views`).
         batch_size: images per forward pass.
 
     Returns:
         The probabilities, in the data source's order.
     """
-    views = [functools.partial(dihedral, view=v) for v in range(N_VIEWS)] if tta else []
+    views = tta_views() if tta else []
     pred = predict_split(run_dir=Path(run_dir), data_dir=data_dir, split=split, views=views, batch_size=batch_size)
     return Probabilities(
         keys=[image_key(im) for im in pred.images],
@@ -125,7 +122,7 @@ def evaluate_combination(
         tta: average each run over the 8 dihedral views.
         n_boot: patient-bootstrap resamples.
         seed: bootstrap seed.
-        threads: torch threads (default: all cores).
+        threads: torch threads (default: the cores this process may use).
         out_csv: where to write the per-cell test probabilities (optional).
 
     Returns:
@@ -134,20 +131,20 @@ def evaluate_combination(
 
     Raises:
         ValueError: the runs were not trained on the same split.
+        RunError: a run folder is unfinished or broken.
     """
     set_threads(threads)
-    splits = {_split_signature(Path(r)) for r in run_dirs}
+    runs = [Run.open(r) for r in run_dirs]
+    splits = {_split_signature(run) for run in runs}
     if len(splits) != 1:
         raise ValueError("an ensemble needs runs trained on the same patient split; these differ")
-    method = load_config(Path(run_dirs[0]) / "config.yaml").threshold_method
-    console.print(f"combining {', '.join(Path(r).name for r in run_dirs)}" + (" with 8-view TTA" if tta else ""))
+    method = runs[0].config().threshold_method
+    log.info("combining %s%s", ", ".join(run.path.name for run in runs), " with 8-view TTA" if tta else "")
     val = average([run_probabilities(run_dir=r, data_dir=data_dir, split="val", tta=tta) for r in run_dirs])
     test = average([run_probabilities(run_dir=r, data_dir=data_dir, split="test", tta=tta) for r in run_dirs])
     threshold = M.choose_threshold(val.y, val.prob, method=method)
     ci = M.bootstrap_ci(test.y, test.prob, test.groups, threshold, n_boot=n_boot, seed=seed)
     if out_csv is not None:
-        from malaria_cells.io import atomic_write_text
-
         lines = ["key,patient,label,prob_parasitized"] + [
             f"{k},{g},{y},{p:.6f}" for k, g, y, p in zip(test.keys, test.groups, test.y, test.prob, strict=True)
         ]
@@ -164,6 +161,6 @@ def evaluate_combination(
     }
 
 
-def _split_signature(run_dir: Path) -> frozenset[tuple[str, str]]:
-    with open(run_dir / "split.csv", newline="", encoding="utf-8") as f:
-        return frozenset((r["patient"], r["split"]) for r in csv.DictReader(f))
+def _split_signature(run: Run) -> frozenset[tuple[str | None, str]]:
+    """(patient, split) pairs of a run's split: equal for runs trained on the same patient split."""
+    return frozenset((parse_patient_id(rel), which) for rel, which in run.split().assignment.items())

@@ -1,10 +1,15 @@
-"""Evaluation of a run on held-out patients: clinical metrics with patient-bootstrap CIs, tables and plots."""
+"""Evaluation of a model on held-out patients: clinical metrics with patient-bootstrap CIs, tables and plots.
+
+The model is a run folder (its ``split.csv`` says which patients it saw, so its own test split can be scored) or
+an exported ``.onnx`` file (no split inside: it scores ``--split all`` of a folder of other patients' cells). Both
+run through :mod:`malaria_cells.backends`, the code ``predict`` uses.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,14 +19,16 @@ import numpy as np
 
 from malaria_cells import metrics as M
 from malaria_cells import plots
+from malaria_cells.backends import Backend, load_backend, probabilities
 from malaria_cells.cache import ImageCache, build_or_load
 from malaria_cells.data import CLASSES, CellImage, Scan, scan
+from malaria_cells.errors import ModelError, RunError
 from malaria_cells.io import atomic_write_json, atomic_write_text
-from malaria_cells.models import default_device, predict_logits, set_threads, sigmoid
-from malaria_cells.preprocess import Preprocessing
-from malaria_cells.progress import console, make_progress
-from malaria_cells.split import LEAKY, load_split
-from malaria_cells.train import load_run_model, read_history
+from malaria_cells.progress import task
+from malaria_cells.run import Run
+from malaria_cells.split import LEAKY
+
+log = logging.getLogger(__name__)
 
 REPORT_METRICS = (
     ("accuracy", "Accuracy"),
@@ -43,28 +50,48 @@ def image_key(im: CellImage) -> str:
     return f"{im.label}/{Path(im.rel).stem}"
 
 
-def select_images(*, run_dir: Path, images: list[CellImage], split: str) -> tuple[list[CellImage], list[str]]:
+def select_images(
+    *, run_dir: Path | None, images: list[CellImage], split: str
+) -> tuple[list[CellImage], list[str] | None]:
     """Pick the images to evaluate and list any patients that the run trained or validated on.
 
     Args:
-        run_dir: the run (its ``split.csv`` says which patients it saw).
+        run_dir: the run (its ``split.csv`` says which patients it saw); None for a model without one (an ONNX
+            file), which can only score ``all``.
         images: all images of the data source.
         split: "train", "val", "test" (the run's own split) or "all" (every image of the source).
 
     Returns:
-        (images, overlapping patient ids — non-empty only for ``all`` on data that shares patients).
+        (images, overlapping patient ids — non-empty only for ``all`` on data that shares patients; None when
+        they cannot be known: ``all`` with no ``split.csv``).
+
+    Raises:
+        RunError: a run split asked for without (or with a broken) ``split.csv``.
+        ValueError: an unknown split, or none of the split's images in ``images``.
     """
-    load_split(run_dir / "split.csv")  # raises LeakageError if the file's by-patient split leaks
+    if split not in ("train", "val", "test", "all"):
+        raise ValueError(f"split must be train, val, test or all, not {split!r}")
+    run = Run(run_dir) if run_dir is not None else None
+    if run is None or (split == "all" and not run.split_path.exists()):
+        if split != "all":
+            raise ModelError(
+                "a model without its run folder carries no split, so its test patients are unknown; evaluate it "
+                "with --split all on cells of patients it never saw, or pass its run folder",
+                code="model_has_no_split",
+            )
+        return images, None
+    run.split()  # one-line RunError for a missing or broken file; LeakageError if its by-patient split leaks
     by_key: dict[str, tuple[str, str]] = {}
-    with open(run_dir / "split.csv", newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            by_key[f"{row['label']}/{Path(row['rel']).stem}"] = (row["split"], row["patient"])
+    try:
+        with open(run.split_path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                by_key[f"{row['label']}/{Path(row['rel']).stem}"] = (row["split"], row["patient"])
+    except (OSError, KeyError, UnicodeDecodeError) as e:
+        raise RunError(f"{run.split_path}: unreadable split ({e!r})", code="run_split_invalid") from None
     if split == "all":
         seen = {p for s, p in by_key.values() if s in ("train", "val")}
         overlap = sorted({im.patient for im in images} & seen)
         return images, overlap
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be train, val, test or all, not {split!r}")
     chosen = [im for im in images if by_key.get(image_key(im), ("", ""))[0] == split]
     if not chosen:
         raise ValueError(f"none of the run's {split} images were found in this data source")
@@ -73,58 +100,120 @@ def select_images(*, run_dir: Path, images: list[CellImage], split: str) -> tupl
 
 @dataclass(frozen=True)
 class SplitPredictions:
-    """A run's P(Parasitized) for the decodable cells of one split."""
+    """A model's P(Parasitized) for the decodable cells of one split."""
 
-    meta: dict  # the run's metadata.json
+    meta: dict  # the model's metadata (a run's metadata.json, or an ONNX file's metadata)
     images: list[CellImage]  # the cells scored, in the data source's order
     prob: np.ndarray  # P(Parasitized), averaged over the views
-    overlap: list[str]  # patients of the data that were in the run's train/val split (see select_images)
+    overlap: list[str] | None  # patients of the data that were in the run's train/val split; None: unknown
     skipped: list[tuple[str, str]]  # (path, reason) of files that could not be used
     cells_per_s: float | None  # inference speed, every view included
+    backend: str = "torch"  # "torch" (run folder) or "onnx"
+
+
+def is_run_folder(model: str | Path) -> bool:
+    """Whether ``model`` is a run folder (else an exported ONNX file).
+
+    Args:
+        model: a run folder or an ``.onnx`` file.
+
+    Returns:
+        True for a folder.
+    """
+    return Path(model).is_dir()
+
+
+def default_out_dir(model: str | Path, split: str) -> Path:
+    """Where an evaluation is written by default: ``RUN/eval-<split>``, or ``MODEL-eval-<split>`` beside an ONNX file.
+
+    Args:
+        model: a run folder or an ``.onnx`` file.
+        split: the split evaluated.
+
+    Returns:
+        The folder.
+    """
+    model = Path(model)
+    if is_run_folder(model):
+        return model / f"eval-{split}"
+    return model.with_name(f"{model.stem}-eval-{split}")
+
+
+def load_model(model: str | Path, *, threads: int | None = None) -> Backend:
+    """Load the model to evaluate: a run folder's best weights (torch) or an exported ONNX file.
+
+    A run is scored at ``precision="auto"`` (bf16 where native), as training scored its validation split when it
+    chose the threshold; ``predict`` uses fp32.
+
+    Args:
+        model: a run folder or an ``.onnx`` file.
+        threads: intra-op threads (default: the runtime's choice).
+
+    Returns:
+        The backend.
+
+    Raises:
+        ModelError: missing or unusable (the message names the file).
+    """
+    return load_backend(Path(model), threads=threads, precision="auto")
 
 
 def predict_split(
     *,
-    run_dir: Path,
+    model: str | Path | Backend | None = None,
     data_dir: Path,
     split: str,
     views: Sequence[Callable[[np.ndarray], np.ndarray]] = (),
     batch_size: int = 256,
     cache_dir: str | None = None,
+    threads: int | None = None,
+    run_dir: Path | None = None,
 ) -> SplitPredictions:
-    """Run a run's best weights on the cells of one split (from the decoded-image cache).
+    """Run a model on the cells of one split (from the decoded-image cache).
 
     Args:
-        run_dir: a finished run folder.
+        model: a run folder, an ``.onnx`` file, or a loaded backend (then ``run_dir`` says where its split is).
         data_dir: folder or zip archive with the images.
-        split: as for :func:`evaluate_run`.
+        split: as for :func:`evaluate_run` (an ONNX file: "all" only).
         views: transforms of the uint8 (N, S, S, 3) batch whose probabilities are averaged (test-time
-            augmentation); none = the cells as they are.
-        batch_size: images per forward pass.
+            augmentation, with either backend); none = the cells as they are.
+        batch_size: images per model call.
         cache_dir: decoded-image cache folder.
+        threads: intra-op threads when ``model`` is a path.
+        run_dir: the run folder: the old name of ``model``, or the split's folder for a loaded backend.
 
     Returns:
         The predictions.
+
+    Raises:
+        ModelError: the model cannot be loaded, or a run split asked of a model without one.
+        RunError: a run split asked for without (or with a broken) ``split.csv``.
     """
-    model, meta = load_run_model(Path(run_dir), device=default_device())
-    prep = Preprocessing.from_dict(meta["preprocessing"])
+    if model is None:
+        if run_dir is None:
+            raise TypeError("predict_split needs model (or run_dir)")
+        model = run_dir
+    if isinstance(model, (str, Path)):
+        split_dir = Path(model) if is_run_folder(model) else None
+        backend = load_model(model, threads=threads)
+    else:
+        split_dir, backend = (Path(run_dir) if run_dir is not None else None), model
+    prep, meta = backend.prep, backend.meta
     found = scan(data_dir)
-    images, overlap = select_images(run_dir=Path(run_dir), images=found.images, split=split)
+    images, overlap = select_images(run_dir=split_dir, images=found.images, split=split)
     cache = build_or_load(images=images, size=prep.input_size, root=found.root, cache_dir=cache_dir)
     keep = np.flatnonzero(cache.ok)
     cells = cache.array[keep] if len(keep) < len(cache.ok) else cache.array  # the memmap itself when it can
     transforms = list(views) or [None]
     prob = np.zeros(len(keep))
     t0 = time.perf_counter()
-    with make_progress(transient=True) as progress:
-        label = f"{meta['model']}: {len(keep):,} {split} cells" + (f", {len(transforms)} views" if views else "")
-        task = progress.add_task(label, total=len(keep) * len(transforms))
+    label = f"{meta.get('model', 'model')}: {len(keep):,} {split} cells" + (
+        f", {len(transforms)} views" if views else ""
+    )
+    with task(label, total=len(keep) * len(transforms), transient=True) as progress:
         for fn in transforms:
             x = cells if fn is None else np.ascontiguousarray(fn(np.asarray(cells)))
-            logits = predict_logits(
-                model, x, prep=prep, batch_size=batch_size, progress=lambda n: progress.advance(task, n)
-            )
-            prob += sigmoid(logits)
+            prob += probabilities(backend, x, batch_size=batch_size, progress=progress.advance)
     seconds = time.perf_counter() - t0
     return SplitPredictions(
         meta=meta,
@@ -133,12 +222,13 @@ def predict_split(
         overlap=overlap,
         skipped=_skipped(cache, found),
         cells_per_s=len(keep) / seconds if seconds > 0 and len(keep) else None,
+        backend=backend.name,
     )
 
 
 def evaluate_run(
     *,
-    run_dir: Path,
+    model: str | Path | None = None,
     data_dir: Path,
     split: str = "test",
     out_dir: Path | None = None,
@@ -147,33 +237,53 @@ def evaluate_run(
     batch_size: int = 256,
     threads: int | None = None,
     cache_dir: str | None = None,
+    run_dir: Path | None = None,
 ) -> dict:
-    """Evaluate a run's best weights with its stored threshold and write metrics, report and plots.
+    """Evaluate a model with its stored threshold and write metrics, report and plots.
 
     Args:
-        run_dir: a finished run folder.
+        model: a finished run folder (its best weights) or an exported ``.onnx`` file.
         data_dir: folder or zip archive with the images.
-        split: "test" (default), "val", "train", or "all" (every image of ``data_dir``: other patients' data).
-        out_dir: where to write (default ``RUN/eval-<split>``).
+        split: "test" (default), "val", "train", or "all" (every image of ``data_dir``: other patients' data;
+            the only choice for an ONNX file, which carries no split).
+        out_dir: where to write (default :func:`default_out_dir`).
         n_boot: patient-bootstrap resamples for the 95 % CIs (>= 1000 for reported numbers).
         seed: bootstrap seed.
-        batch_size: images per forward pass.
-        threads: torch threads (default: all cores).
+        batch_size: images per model call.
+        threads: intra-op threads (default: all cores).
         cache_dir: decoded-image cache folder.
+        run_dir: the old name of ``model``.
 
     Returns:
         The ``metrics.json`` content.
+
+    Raises:
+        ModelError: the model cannot be loaded, or a run split asked of an ONNX file.
+        RunError: a run split asked for without (or with a broken) ``split.csv``.
     """
-    set_threads(threads)
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir else run_dir / f"eval-{split}"
-    pred = predict_split(run_dir=run_dir, data_dir=data_dir, split=split, batch_size=batch_size, cache_dir=cache_dir)
+    if model is None:
+        if run_dir is None:
+            raise TypeError("evaluate_run needs model (or run_dir)")
+        model = run_dir
+    model = Path(model)
+    out_dir = Path(out_dir) if out_dir else default_out_dir(model, split)
+    pred = predict_split(
+        model=model, data_dir=data_dir, split=split, batch_size=batch_size, cache_dir=cache_dir, threads=threads
+    )
     meta, images, prob, overlap = pred.meta, pred.images, pred.prob, pred.overlap
     threshold = float(meta["threshold"])
     if overlap:
-        console.print(
-            f"[bold red]warning:[/] {len(overlap)} patient(s) of this data were in the run's train/val split "
-            f"({', '.join(overlap[:8])}{'...' if len(overlap) > 8 else ''}); these numbers are optimistic"
+        log.warning(
+            "%d patient(s) of this data were in the run's train/val split (%s%s); these numbers are optimistic",
+            len(overlap),
+            ", ".join(overlap[:8]),
+            "..." if len(overlap) > 8 else "",
+        )
+    elif overlap is None:
+        log.warning(
+            "%s has no split.csv beside it, so whether these patients were seen in training cannot be checked; "
+            "evaluate it only on cells of patients it never saw",
+            model,
         )
     y = np.array([im.label for im in images], dtype=np.int64)
     groups = np.array([im.patient for im in images])
@@ -182,15 +292,17 @@ def evaluate_run(
     ci = M.bootstrap_ci(y, prob, groups, threshold, n_boot=n_boot, seed=seed)
     cm = M.confusion(y, (prob >= threshold).astype(int))
     per_patient = M.per_patient_table(y, prob, groups, threshold)
-    split_kind = meta.get("split_kind", "patient")
+    split_kind = meta.get("split_kind") or "patient"
     result = {
-        "run": str(run_dir),
+        "run": str(model),
+        "backend": pred.backend,
         "model": meta["model"],
         "strategy": meta.get("strategy"),
         "split": split,
         "split_kind": split_kind,
         "leaky": split_kind == LEAKY,
-        "overlapping_patients": overlap,
+        "overlapping_patients": overlap or [],
+        "overlap_checked": overlap is not None,
         "data": str(data_dir),
         "threshold": threshold,
         "positive_class": CLASSES[1],
@@ -212,11 +324,20 @@ def evaluate_run(
     plots.plot_pr(y, prob, out_dir / "pr.png", title=f"PR: {title}")
     plots.plot_confusion(cm, out_dir / "confusion.png", title=f"Confusion at threshold {threshold:.3f}")
     plots.plot_reliability(y, prob, out_dir / "reliability.png", title=f"Reliability: {title}")
-    history = read_history(run_dir)
+    history = Run(model).history() if is_run_folder(model) else []
     if history:
         plots.plot_training_curves(history, out_dir / "training_curves.png")
     atomic_write_text(out_dir / "report.md", render_report(result, meta, has_curves=bool(history)))
-    print_summary(result)
+    m = result["metrics"]
+    log.info(
+        "%s on %s: accuracy %s, sensitivity %s, specificity %s -> %s",
+        meta["model"],
+        split,
+        format_ci(m["accuracy"]),
+        format_ci(m["sensitivity"]),
+        format_ci(m["specificity"]),
+        out_dir / "report.md",
+    )
     return result
 
 
@@ -256,10 +377,10 @@ def render_report(result: dict, meta: dict, *, has_curves: bool) -> str:
         Markdown text.
     """
     m = result["metrics"]
-    lines = [
-        f"# Evaluation: {meta['model']} ({meta.get('strategy')}) on the {result['split']} split",
-        "",
-    ]
+    what = meta["model"] + (f" ({meta['strategy']})" if meta.get("strategy") else "")
+    if result.get("backend") == "onnx":
+        what += ", exported ONNX"
+    lines = [f"# Evaluation: {what} on the {result['split']} split", ""]
     if result["leaky"]:
         lines += [
             "> **LEAKY SPLIT (by image)** — cells of one patient are in train and test. These numbers are",
@@ -270,6 +391,12 @@ def render_report(result: dict, meta: dict, *, has_curves: bool) -> str:
         lines += [
             f"> **Warning:** {len(result['overlapping_patients'])} patients of this data were seen in "
             "training or validation; the numbers are optimistic.",
+            "",
+        ]
+    if result.get("overlap_checked") is False:
+        lines += [
+            "> **Note:** the model came without its run's split.csv, so whether these patients were seen in "
+            "training could not be checked; the numbers hold only for patients it never saw.",
             "",
         ]
     lines += [
@@ -314,24 +441,3 @@ def render_report(result: dict, meta: dict, *, has_curves: bool) -> str:
     ]
     lines += ["", "Research and education use only; not for diagnosis.", ""]
     return "\n".join(lines)
-
-
-def print_summary(result: dict) -> None:
-    """Print the metrics table to the console."""
-    from rich.table import Table
-
-    leaky = " [red](LEAKY by-image split)[/]" if result["leaky"] else ""
-    t = Table(
-        title=f"{result['model']} on {result['split']}: {result['n_cells']:,} cells, "
-        f"{result['n_patients']} patients{leaky}"
-    )
-    t.add_column("metric")
-    t.add_column("value (95% CI, patient bootstrap)", justify="right")
-    for key, label in REPORT_METRICS:
-        t.add_row(label, format_ci(result["metrics"][key]))
-    console.print(t)
-
-
-def load_metrics(path: Path) -> dict:
-    """Read a ``metrics.json``."""
-    return json.loads(Path(path).read_text())

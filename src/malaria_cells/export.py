@@ -6,10 +6,13 @@ the graph, so a client only decodes and letterboxes (NumPy and Pillow, no float 
 input is 4x smaller than float32. Outputs: ``logit`` and ``prob_parasitized``, both (N,).
 
 Everything a client needs travels inside the file as ``metadata_props`` (JSON-encoded values, keys in
-:data:`malaria_cells.predict.CARD_KEYS`). The exporter is torch's TorchScript-based one (``dynamo=False``):
+:data:`malaria_cells.backends.CARD_KEYS`). The exporter is torch's TorchScript-based one (``dynamo=False``):
 with the pinned torch it folds batch norm into the convolutions and yields a clean graph in well under a
 second, while the dynamo exporter needs the extra ``onnxscript`` package, takes ~25x longer and leaves
 shape-computation nodes behind. Switch to ``dynamo=True`` when torch drops the TorchScript exporter.
+
+The parity and int8 checks run the model through :mod:`malaria_cells.backends`, the same code ``predict`` and
+``evaluate`` use: the exported file is compared with the run folder as a user would load it.
 """
 
 from __future__ import annotations
@@ -27,18 +30,31 @@ import torch
 from torch import nn
 
 from malaria_cells import __version__
+from malaria_cells.backends import (
+    CARD_KEYS,
+    CPU_ONLY,
+    ONNX_FORMAT,
+    ONNX_INPUT,
+    ONNX_OUTPUTS,
+    OnnxBackend,
+    TorchBackend,
+    probabilities,
+)
+from malaria_cells.errors import MalariaCellsError
 from malaria_cells.io import atomic_write
-from malaria_cells.predict import CARD_KEYS, ONNX_FORMAT, ONNX_INPUT, ONNX_OUTPUTS
 from malaria_cells.preprocess import ImageError, Preprocessing, letterbox, load_image
-from malaria_cells.progress import console
+
+log = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4  # max |prob_onnx - prob_torch| for an fp32 export
 INT8_MAX_DROP_POINTS = 0.5  # accuracy drop (percentage points) above which an int8 export is flagged
 OPSET = 17
 
 
-class ExportError(RuntimeError):
+class ExportError(MalariaCellsError, RuntimeError):
     """An export that cannot be made or fails its checks; the message says why."""
+
+    code = "export_failed"
 
 
 @dataclass
@@ -108,7 +124,7 @@ def onnx_metadata(meta: dict, *, extra: dict | None = None) -> dict[str, object]
     }
     out.update(extra or {})
     unknown = set(out) - set(CARD_KEYS)
-    assert not unknown, f"card keys missing from predict.CARD_KEYS: {unknown}"
+    assert not unknown, f"card keys missing from backends.CARD_KEYS: {unknown}"
     return out
 
 
@@ -155,35 +171,6 @@ def export_torchscript_onnx(model: nn.Module, prep: Preprocessing, path: Path) -
         )
 
 
-def _session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def onnx_probs(session, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-    """P(Parasitized) from an onnxruntime session for uint8 (N, S, S, 3) images (or a memmap)."""
-    out = np.empty(len(images), dtype=np.float64)
-    for a in range(0, len(images), batch_size):
-        xb = np.ascontiguousarray(images[a : a + batch_size])
-        out[a : a + len(xb)] = session.run([ONNX_OUTPUTS[1]], {ONNX_INPUT: xb})[0].reshape(-1)
-    return out
-
-
-@torch.no_grad()
-def torch_probs(model: nn.Module, prep: Preprocessing, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-    """P(Parasitized) from the torch model in fp32, through the same uint8 wrapper that is exported."""
-    wrapped = UInt8Input(model, prep).eval()
-    out = np.empty(len(images), dtype=np.float64)
-    for a in range(0, len(images), batch_size):
-        xb = torch.from_numpy(np.array(images[a : a + batch_size]))
-        out[a : a + len(xb)] = wrapped(xb)[1].double().numpy()
-    return out
-
-
 @dataclass
 class _SplitData:
     calibration: np.ndarray | None  # uint8 train images
@@ -206,7 +193,7 @@ def _split_images(
         found = scan(resolve_data_dir(data_dir))
         test_images, _ = select_images(run_dir=run_dir, images=found.images, split="test")
     except (DataError, ValueError, FileNotFoundError) as e:
-        console.print(f"[yellow]no data for the checks ({e}); parity uses synthetic images[/]")
+        log.warning("no data for the checks (%s); parity uses synthetic images", e)
         return _SplitData(None, None, None)
     cache = build_or_load(images=test_images, size=size, root=found.root, cache_dir=cache_dir)
     keep = np.flatnonzero(cache.ok)
@@ -222,7 +209,7 @@ def _split_images(
             try:
                 arrays.append(letterbox(load_image(train_images[i].path), size))
             except ImageError as e:
-                console.print(f"[yellow]calibration: skipped[/] {e}")
+                log.warning("calibration: skipped %s", e)
         calibration = np.stack(arrays) if arrays else None
     return _SplitData(calibration, test, labels)
 
@@ -342,7 +329,7 @@ def export_run(
     The fp32 export must match torch within :data:`PARITY_TOLERANCE` on the parity images (the run's test
     split when the data is found, else synthetic cells), or nothing is written. An int8 export is calibrated
     on training images of the run's split and its accuracy compared with fp32 on the run's test split; a drop
-    over :data:`INT8_MAX_DROP_POINTS` points is printed as a warning and recorded in the file's metadata.
+    over :data:`INT8_MAX_DROP_POINTS` points is logged as a warning and recorded in the file's metadata.
 
     Args:
         run_dir: a finished run folder.
@@ -355,18 +342,16 @@ def export_run(
         cache_dir: decoded-image cache folder.
 
     Returns:
-        The report (also printed).
+        The report (also logged).
 
     Raises:
         ExportError: parity failed, or int8 asked for without data.
+        ModelError: not a finished run folder, a broken ``metadata.json`` or unusable weights (names the file).
     """
-    from malaria_cells.train import load_run_model
-
     run_dir = Path(run_dir)
-    if not (run_dir / "metadata.json").exists():
-        raise ExportError(f"{run_dir}: not a finished run folder (no metadata.json)")
-    model, meta = load_run_model(run_dir)
-    prep = Preprocessing.from_dict(meta["preprocessing"])
+    # The reference is the run as `predict` loads it, on the CPU like the ONNX checks (no GPU rounding in the diff).
+    reference = TorchBackend(run_dir, device="cpu", precision="fp32")
+    model, meta, prep = reference.model, reference.meta, reference.prep
     threshold = float(meta["threshold"])
     out = Path(out) if out else run_dir / ("model-int8.onnx" if int8 else "model.onnx")
     split = _split_images(
@@ -386,12 +371,11 @@ def export_run(
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
         export_torchscript_onnx(model, prep, fp32)
-        ref = torch_probs(model, prep, parity_set)
-        fp32_session = _session(fp32)
-        diff = float(np.max(np.abs(onnx_probs(fp32_session, parity_set) - ref)))
-        console.print(
-            f"parity fp32 ONNX vs torch: max |Δprob| = {diff:.2e} on {len(parity_set)} {parity_source} images"
-        )
+        ref = probabilities(reference, parity_set).astype(np.float64)
+        # Not stamped yet (the stamp records the parity): the run's metadata stands in for the file's.
+        fp32_backend = OnnxBackend(fp32, providers=CPU_ONLY, meta=meta)
+        diff = float(np.max(np.abs(probabilities(fp32_backend, parity_set) - ref)))
+        log.info("parity fp32 ONNX vs torch: max |Δprob| = %.2e on %d %s images", diff, len(parity_set), parity_source)
         if not diff <= PARITY_TOLERANCE:
             raise ExportError(f"fp32 ONNX differs from torch by {diff:.2e} > {PARITY_TOLERANCE:.0e}; nothing written")
         extra: dict[str, object] = {"parity_max_abs_diff_prob": diff}
@@ -400,12 +384,11 @@ def export_run(
             assert split.calibration is not None and split.test is not None and split.test_labels is not None
             q8 = Path(tmp) / "int8.onnx"
             quantize_int8(fp32, q8, split.calibration, quant_format=quant_format)
-            q8_session = _session(q8)
-            acc32 = accuracy(onnx_probs(fp32_session, split.test), split.test_labels, threshold)
-            q8_test = onnx_probs(q8_session, split.test)
-            acc8 = accuracy(q8_test, split.test_labels, threshold)
+            q8_backend = OnnxBackend(q8, providers=CPU_ONLY, meta=meta)
+            acc32 = accuracy(probabilities(fp32_backend, split.test), split.test_labels, threshold)
+            acc8 = accuracy(probabilities(q8_backend, split.test), split.test_labels, threshold)
             drop = (acc32 - acc8) * 100.0
-            q8_diff = float(np.max(np.abs(onnx_probs(q8_session, parity_set) - ref)))
+            q8_diff = float(np.max(np.abs(probabilities(q8_backend, parity_set) - ref)))
             quant = {
                 "precision": "int8",
                 "method": "onnxruntime quantize_static, MinMax, per-channel int8 weights, uint8 activations, "
@@ -418,16 +401,22 @@ def export_run(
                 "accuracy_drop_points": drop,
                 "max_abs_diff_prob_vs_torch": q8_diff,
             }
-            console.print(
-                f"int8 ({quant_format.upper()}): test accuracy {acc8:.4f} vs fp32 {acc32:.4f} "
-                f"(drop {drop:+.2f} points on {len(split.test_labels)} images); max |Δprob| vs torch {q8_diff:.3f}"
+            log.info(
+                "int8 (%s): test accuracy %.4f vs fp32 %.4f (drop %+.2f points on %d images); "
+                "max |Δprob| vs torch %.3f",
+                quant_format.upper(),
+                acc8,
+                acc32,
+                drop,
+                len(split.test_labels),
+                q8_diff,
             )
             if drop > INT8_MAX_DROP_POINTS:
                 warning = (
                     f"int8 accuracy on the test split is {drop:.2f} points below fp32 "
                     f"(more than {INT8_MAX_DROP_POINTS}); prefer the fp32 model"
                 )
-                console.print(f"[bold yellow]warning:[/] {warning}")
+                log.warning("%s", warning)
             final, precision = q8, "int8"
         extra["quantization"] = quant or {"precision": "fp32"}
         if warning:
@@ -449,5 +438,5 @@ def export_run(
         quantization=quant,
         warning=warning,
     )
-    console.print(f"[green]wrote[/] {out} ({report.size_bytes / 1e6:.2f} MB, {precision})")
+    log.info("wrote %s (%.2f MB, %s)", out, report.size_bytes / 1e6, precision)
     return report

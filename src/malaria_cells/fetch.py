@@ -1,4 +1,8 @@
-"""Download the NIH malaria cell-image archive resumably, verify it and unpack it safely."""
+"""Download the NIH malaria cell-image archive resumably, verify it and unpack it safely.
+
+Progress (bytes downloaded, files unpacked) goes to the current :mod:`malaria_cells.progress` reporter; this module
+prints nothing.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +18,8 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from malaria_cells import progress as _progress
+from malaria_cells.errors import EXIT_DATA, MalariaCellsError
 
 __all__ = ["NIH_BYTES", "NIH_SHA256", "NIH_URL", "FetchError", "fetch_archive", "sha256_file"]
 
@@ -41,8 +38,11 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 _USER_AGENT = "malaria-cells-fetch/1 (+python urllib)"
 
 
-class FetchError(Exception):
-    """Raised when the archive cannot be downloaded, verified or unpacked."""
+class FetchError(MalariaCellsError, RuntimeError):
+    """Raised when the archive cannot be downloaded, verified or unpacked (the data cannot be had: exit code 3)."""
+
+    code = "fetch_failed"
+    exit_code = EXIT_DATA
 
 
 def sha256_file(path: Path | str, chunk_bytes: int = 1 << 20) -> str:
@@ -81,7 +81,7 @@ def fetch_archive(
         unpack: Extract the zip and return the image folder instead of the archive path.
         timeout_s: Socket timeout for connecting and for each read.
         chunk_bytes: Bytes read, written and flushed per step.
-        progress: Show rich progress bars.
+        progress: Report progress (download bytes, unpacked files) to the current progress reporter.
 
     Returns:
         With ``unpack``, the folder holding ``Parasitized/`` and ``Uninfected/``; otherwise the archive path.
@@ -216,8 +216,7 @@ def _download(
         if offset:
             _hash_into(hasher, part, chunk_bytes)
         mode = "ab" if offset else "wb"
-        with part.open(mode) as out, _bar(progress, "download") as bar:
-            task = bar.add_task(f"download {_basename(url)}", total=total, completed=offset)
+        with part.open(mode) as out, _task(progress, f"download {_basename(url)}", total, offset) as task:
             size = offset
             while chunk := _read(response, url, chunk_bytes):
                 out.write(chunk)
@@ -225,7 +224,7 @@ def _download(
                 out.flush()
                 hasher.update(chunk)
                 size += len(chunk)
-                bar.update(task, completed=size)
+                task.update(completed=size)
             os.fsync(out.fileno())
 
     if total is not None and size < total:
@@ -244,13 +243,11 @@ def _read(response: http.client.HTTPResponse, url: str, chunk_bytes: int) -> byt
         raise _network_error(url, exc) from exc
 
 
-def _bar(progress: bool, kind: str) -> Progress:
-    """Build a rich progress display: bytes/speed/ETA for downloads, file counts for unpacking."""
-    if kind == "download":
-        columns = (DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    else:
-        columns = (MofNCompleteColumn(), TimeRemainingColumn())
-    return Progress(TextColumn("{task.description}"), BarColumn(), *columns, disable=not progress)
+def _task(progress: bool, description: str, total: int | None, completed: int = 0) -> _progress.Task:
+    """A progress task on the current reporter, or one that reports nowhere when ``progress`` is off."""
+    if progress:
+        return _progress.task(description, total=total, completed=completed)
+    return _progress.Task(_progress.Reporter(), None)
 
 
 def _member_parts(name: str) -> tuple[str, ...]:
@@ -322,8 +319,7 @@ def _extract(
     label: str,
 ) -> None:
     """Write already-validated members under ``dest`` (CRC is checked by zipfile as each member is read)."""
-    with _bar(progress, "unpack") as bar:
-        task = bar.add_task(f"unpack {label}", total=len(members))
+    with _task(progress, f"unpack {label}", len(members)) as task:
         for info, parts in members:
             target = dest.joinpath(*parts)
             if info.is_dir():
@@ -332,7 +328,7 @@ def _extract(
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, target.open("wb") as out:
                     shutil.copyfileobj(src, out, chunk_bytes)
-            bar.advance(task)
+            task.advance()
 
 
 def _has_classes(folder: Path) -> bool:

@@ -1,13 +1,21 @@
-"""Small file helpers: atomic writes, so a killed process never leaves a half-written file behind."""
+"""Small file helpers: atomic writes (a killed process never leaves a half-written file behind), JSON lines, and
+reading a file or a member of a zip archive addressed as ``ARCHIVE.zip::MEMBER``.
+
+The bottom of the package: imports nothing of it, so every layer (decoding, data, runs) can read files through it.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+ZIP_SEP = "::"  # separates an archive from a member in an image path: ``cell_images.zip::Parasitized/C1_....png``
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
@@ -91,19 +99,6 @@ def jsonl_text(rows: list[dict]) -> str:
     return "".join(json.dumps(_clean(r)) + "\n" for r in rows)
 
 
-def append_jsonl(path: Path, row: dict) -> None:
-    """Append one JSON line and fsync, so a kill loses at most the line being written.
-
-    Args:
-        path: the ``.jsonl`` file.
-        row: the record.
-    """
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(jsonl_text([row]))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def read_jsonl(path: Path) -> list[dict]:
     """Read a ``.jsonl`` file, ignoring a torn last line.
 
@@ -122,3 +117,30 @@ def read_jsonl(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+@lru_cache(maxsize=4)
+def _open_zip(archive: str) -> zipfile.ZipFile:
+    return zipfile.ZipFile(archive)
+
+
+def read_bytes(path: str) -> bytes:
+    """Read a file, or a member of a zip archive addressed as ``ARCHIVE.zip::MEMBER``.
+
+    Args:
+        path: the file's path, or ``ARCHIVE.zip::MEMBER``.
+
+    Returns:
+        Its bytes.
+
+    Raises:
+        OSError: the file, the archive or the member cannot be read.
+    """
+    if ZIP_SEP in path:
+        archive, member = path.split(ZIP_SEP, 1)
+        try:
+            return _open_zip(archive).read(member)
+        except (KeyError, zipfile.BadZipFile) as e:
+            raise OSError(str(e)) from None
+    with open(path, "rb") as f:
+        return f.read()

@@ -1,14 +1,15 @@
 """The model registry (a plain dict), the custom CNN, and torch inference helpers.
 
-Every model outputs one logit: the log-odds that the cell is Parasitized (label 1). A model's
-preprocessing (input size, mean, std) comes from its registry entry or its pretrained weights and is stored
-in the run's ``metadata.json``.
+Every model outputs one logit: the log-odds that the cell is Parasitized (label 1). The registry is the one place
+that describes a model: its timm architecture (``ModelSpec.timm_arch``, which builds it and which
+:mod:`malaria_cells.weights` loads ImageNet weights for) and its preprocessing (input size, and the mean/std its
+default pretrained weights were trained with, which a run stores in its ``metadata.json``). This module imports
+neither :mod:`malaria_cells.weights` nor timm at import time.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from malaria_cells.preprocess import Preprocessing
+from malaria_cells.progress import available_cores
 
 
 def conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
@@ -104,9 +106,13 @@ class TimmBinary(nn.Module):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registry entry: how to build a model and its defaults."""
+    """A registry entry: how to build a model and its defaults.
 
-    build: Callable[..., nn.Module]
+    A timm model is named by ``timm_arch`` alone (built as :class:`TimmBinary` of that architecture); any other
+    model by its ``build`` callable. For a model with pretrained weights, ``mean``/``std`` are the normalisation
+    those weights were trained with (tests/test_weights.py checks them against timm's ``pretrained_cfg``).
+    """
+
     input_size: int  # px, default; measured (see README) for the custom CNN
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -115,10 +121,21 @@ class ModelSpec:
     lr: float  # default peak learning rate
     epochs: int  # default epochs
     description: str
-    timm_arch: str | None = None
+    timm_arch: str | None = None  # the timm architecture; None for a model of our own (then ``build`` is set)
+    build: Callable[..., nn.Module] | None = None  # non-timm models: builds the model (keyword: head options)
     strategies: tuple[str, ...] = field(default=("scratch",))
     # timm models: hidden units of the head (0 = linear). None: the model has no such option (the custom CNN).
     head_hidden: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.timm_arch is None) == (self.build is None):
+            raise ValueError("a ModelSpec names either a timm_arch or a build callable, exactly one")
+
+    def builder(self) -> Callable[..., nn.Module]:
+        """The callable that builds the model: ``build``, or :class:`TimmBinary` of ``timm_arch``."""
+        if self.build is not None:
+            return self.build
+        return functools.partial(TimmBinary, self.timm_arch)
 
 
 # A frozen ImageNet backbone's pooled features need a non-linear head here: on the validation patients of the full
@@ -141,7 +158,7 @@ MODELS: dict[str, ModelSpec] = {
         description="Compact CNN from scratch (8 conv layers, ~0.59 M params)",
     ),
     "resnet50v2": ModelSpec(
-        build=functools.partial(TimmBinary, "resnetv2_50"),
+        timm_arch="resnetv2_50",
         input_size=128,
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
@@ -150,12 +167,11 @@ MODELS: dict[str, ModelSpec] = {
         lr=1e-3,
         epochs=10,
         description="timm resnetv2_50: pre-activation ResNet-50 (Keras ResNet50V2's architecture)",
-        timm_arch="resnetv2_50",
         strategies=("frozen", "finetune", "scratch"),
         head_hidden=HEAD_HIDDEN,
     ),
     "efficientnet-lite0": ModelSpec(
-        build=functools.partial(TimmBinary, "tf_efficientnet_lite0"),
+        timm_arch="tf_efficientnet_lite0",
         input_size=128,
         mean=(0.5, 0.5, 0.5),  # Google's Lite0 weights take inputs scaled to [-1, 1]
         std=(0.5, 0.5, 0.5),
@@ -164,7 +180,6 @@ MODELS: dict[str, ModelSpec] = {
         lr=1e-3,
         epochs=10,
         description="timm tf_efficientnet_lite0 with Google's ImageNet weights",
-        timm_arch="tf_efficientnet_lite0",
         strategies=("frozen", "finetune", "scratch"),
         head_hidden=HEAD_HIDDEN,
     ),
@@ -172,7 +187,17 @@ MODELS: dict[str, ModelSpec] = {
 
 
 def get_spec(name: str) -> ModelSpec:
-    """Look up a registry entry, with the known names in the error."""
+    """Look up a registry entry, with the known names in the error.
+
+    Args:
+        name: a key of :data:`MODELS`.
+
+    Returns:
+        The entry.
+
+    Raises:
+        ValueError: an unknown name.
+    """
     try:
         return MODELS[name]
     except KeyError:
@@ -192,7 +217,7 @@ def build_model(name: str, *, head_hidden: int | None = None) -> nn.Module:
     Raises:
         ValueError: an unknown name, or ``head_hidden`` for a model without that option.
     """
-    build, width = get_spec(name).build, head_width(name, head_hidden)
+    build, width = get_spec(name).builder(), head_width(name, head_hidden)
     return build() if width is None else build(head_hidden=width)
 
 
@@ -217,8 +242,28 @@ def head_width(name: str, head_hidden: int | None) -> int | None:
     return spec.head_hidden if head_hidden is None else head_hidden
 
 
+def timm_models() -> dict[str, str]:
+    """Registry name -> timm architecture, for every timm model of the registry.
+
+    Returns:
+        E.g. ``{"resnet50v2": "resnetv2_50", "efficientnet-lite0": "tf_efficientnet_lite0"}``.
+    """
+    return {name: spec.timm_arch for name, spec in MODELS.items() if spec.timm_arch is not None}
+
+
 def default_preprocessing(name: str, input_size: int | None = None) -> Preprocessing:
-    """The preprocessing a model's registry entry defines, at the given (or default) input size."""
+    """The preprocessing a model's registry entry defines, at the given (or default) input size.
+
+    For a model with pretrained weights this is the normalisation those weights expect, so scratch, frozen and
+    fine-tuned runs of one model all take the same input.
+
+    Args:
+        name: a key of :data:`MODELS`.
+        input_size: input side in px; None for the registry's default.
+
+    Returns:
+        The preprocessing.
+    """
     spec = get_spec(name)
     return Preprocessing(input_size=input_size or spec.input_size, mean=spec.mean, std=spec.std)
 
@@ -268,8 +313,13 @@ def default_device() -> torch.device:
 
 
 def set_threads(threads: int | None) -> None:
-    """Use ``threads`` intra-op threads (default: all cores)."""
-    torch.set_num_threads(max(1, threads or os.cpu_count() or 1))
+    """Use ``threads`` intra-op torch threads.
+
+    Args:
+        threads: how many; None (or 0) for the cores this process may use (:func:`progress.available_cores`, which
+            honours CPU affinity and a container's CPU quota).
+    """
+    torch.set_num_threads(max(1, threads or available_cores()))
 
 
 def to_input(batch_u8: torch.Tensor, prep: Preprocessing) -> torch.Tensor:

@@ -52,8 +52,19 @@ def _note(ax: Axes, text: str) -> None:
 
 
 def _as_arrays(y_true: ArrayLike, prob: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Return labels as ints and probabilities as floats."""
-    return np.asarray(y_true).astype(int).ravel(), np.asarray(prob, dtype=float).ravel()
+    """Return labels as ints and probabilities as floats, refusing input a curve would silently misdraw.
+
+    Raises:
+        ValueError: lengths differ, a label is not 0 or 1, or a probability is NaN, infinite or outside [0, 1].
+    """
+    y, p = np.asarray(y_true, dtype=float).ravel(), np.asarray(prob, dtype=float).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"y_true has {y.size} labels but prob {p.size} probabilities")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("y_true must hold 0 (Uninfected) or 1 (Parasitized) only")
+    if not (np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all()):
+        raise ValueError("prob must hold finite probabilities of Parasitized in [0, 1] (found NaN, inf or outside)")
+    return y.astype(int), p
 
 
 def _roc_points(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +88,10 @@ def plot_roc(y_true: ArrayLike, prob: ArrayLike, path: str | os.PathLike[str], t
 
     Returns:
         The written path.
+
+    Raises:
+        ValueError: labels other than 0/1, probabilities that are NaN or outside [0, 1], or lengths that differ
+            (nothing is written).
     """
     y, p = _as_arrays(y_true, prob)
     with _figure(path, (5.5, 5.0)) as fig:
@@ -112,6 +127,10 @@ def plot_pr(
 
     Returns:
         The written path.
+
+    Raises:
+        ValueError: labels other than 0/1, probabilities that are NaN or outside [0, 1], or lengths that differ
+            (nothing is written).
     """
     y, p = _as_arrays(y_true, prob)
     with _figure(path, (5.5, 5.0)) as fig:
@@ -190,6 +209,10 @@ def plot_reliability(
 
     Returns:
         The written path.
+
+    Raises:
+        ValueError: labels other than 0/1, probabilities that are NaN or outside [0, 1], or lengths that differ
+            (nothing is written).
     """
     y, p = _as_arrays(y_true, prob)
     centers, observed, counts = reliability_curve(y, p)

@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile
 
+from malaria_cells.errors import EXIT_SOME_INPUTS_FAILED, MalariaCellsError
+from malaria_cells.io import read_bytes
+
 try:
     import imagecodecs
 except ImportError:  # optional at import time; a dependency of the package
@@ -30,8 +33,17 @@ MAX_PIXELS = 40_000_000  # refuse images larger than this (decompression bombs);
 MIN_SIDE = 8  # px; smaller images hold no cell worth classifying
 
 
-class ImageError(ValueError):
-    """An image that cannot be used, with the reason in words."""
+class ImageError(MalariaCellsError, ValueError):
+    """An image that cannot be used: the reason in words plus a machine code.
+
+    Codes (HTTP status): ``empty_file`` (422), ``not_an_image`` (415), ``too_many_pixels`` (413),
+    ``image_too_small`` (422), ``unreadable_image`` (422: truncated or corrupt), ``file_unreadable`` (422: the OS
+    could not read it), ``unusable_image`` (422: anything else).
+    """
+
+    code = "unusable_image"
+    status = 422
+    exit_code = EXIT_SOME_INPUTS_FAILED
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,7 @@ def decode_image(data: bytes, *, name: str = "<bytes>", max_pixels: int = MAX_PI
         ImageError: with the reason (empty, not an image, truncated, too small, too many pixels).
     """
     if not data:
-        raise ImageError(f"{name}: empty file (0 bytes)")
+        raise ImageError(f"{name}: empty file (0 bytes)", code="empty_file")
     fast = _decode_webp(data, name=name, max_pixels=max_pixels)
     return fast if fast is not None else _decode_pillow(data, name=name, max_pixels=max_pixels)
 
@@ -93,12 +105,15 @@ def _decode_pillow(data: bytes, *, name: str, max_pixels: int) -> Image.Image:
             img.load()
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{name}: too many pixels ({e})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own bomb limit (178,956,970 px) is not ours: quote ours, which is what the caller can act on.
+        raise ImageError(
+            f"{name}: too many pixels (over {max_pixels:,}); refusing to decode", code="too_many_pixels", status=413
+        ) from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image (format not recognised)") from None
+        raise ImageError(f"{name}: not an image (format not recognised)", code="not_an_image", status=415) from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name}: unreadable or truncated image ({e})") from None
+        raise ImageError(f"{name}: unreadable or truncated image ({e})", code="unreadable_image") from None
     _check_side(w, h, name=name)
     return to_rgb(img)
 
@@ -106,13 +121,19 @@ def _decode_pillow(data: bytes, *, name: str, max_pixels: int) -> Image.Image:
 def _check_pixels(w: int, h: int, *, name: str, max_pixels: int) -> None:
     """Refuse, before decoding, an image with more pixels than ``max_pixels``."""
     if w * h > max_pixels:
-        raise ImageError(f"{name}: too many pixels ({w}x{h} > {max_pixels:,}); refusing to decode")
+        raise ImageError(
+            f"{name}: too many pixels ({w}x{h} > {max_pixels:,}); refusing to decode",
+            code="too_many_pixels",
+            status=413,
+        )
 
 
 def _check_side(w: int, h: int, *, name: str) -> None:
     """Refuse an image with a side shorter than :data:`MIN_SIDE`."""
     if min(w, h) < MIN_SIDE:
-        raise ImageError(f"{name}: image too small ({w}x{h}; at least {MIN_SIDE}x{MIN_SIDE} px)")
+        raise ImageError(
+            f"{name}: image too small ({w}x{h}; at least {MIN_SIDE}x{MIN_SIDE} px)", code="image_too_small"
+        )
 
 
 def webp_size(data: bytes) -> tuple[int, int] | None:
@@ -191,12 +212,10 @@ def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> Image.Image
     Raises:
         ImageError: unreadable file or unusable image.
     """
-    from malaria_cells.data import read_bytes  # local import: data imports this module
-
     try:
         data = read_bytes(str(path))
     except OSError as e:
-        raise ImageError(f"{path}: cannot read file ({e.strerror or e})") from None
+        raise ImageError(f"{path}: cannot read file ({e.strerror or e})", code="file_unreadable") from None
     return decode_image(data, name=str(path), max_pixels=max_pixels)
 
 

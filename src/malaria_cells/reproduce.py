@@ -10,28 +10,29 @@ from random weights in their place.
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import datetime as dt
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from malaria_cells import plots
-from malaria_cells.config import TrainConfig, load_config
+from malaria_cells.config import TrainConfig
 from malaria_cells.ensemble import evaluate_combination
 from malaria_cells.evaluate import evaluate_run
 from malaria_cells.io import atomic_write_json, atomic_write_text
 from malaria_cells.models import build_model
-from malaria_cells.progress import console
+from malaria_cells.run import Run
 from malaria_cells.split import LEAKY, PATIENT
 from malaria_cells.train import resolve_model_defaults, train
 from malaria_cells.weights import WeightsUnavailable, load_pretrained
 
 UNAVAILABLE = "ImageNet weights unavailable"
 QUICK_MAX_IMAGES = 2000  # class-balanced subset for --quick (about 90 patients keep some cells)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -180,14 +181,14 @@ def reproduce(
     if missing and strict:
         raise WeightsUnavailable("; ".join(f"{m}: {msg}" for m, msg in missing.items()))
     for model, msg in missing.items():
-        console.print(f"[bold yellow]warning:[/] {model}: {UNAVAILABLE}; its rows are reported as such. {msg}")
+        log.warning("%s: %s; its rows are reported as such. %s", model, UNAVAILABLE, msg)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     results: list[dict] = []
     runs: dict[str, Path] = {}
     reused = 0  # finished runs found in out_dir and not trained again
     for i, row in enumerate(rows, 1):
-        console.rule(f"[bold]{i}/{len(rows)}  {row.name}")
+        log.info("row %d/%d: %s", i, len(rows), row.name)
         reason = missing.get(row.model)
         if reason is None and row.init_from and row.init_from not in runs:
             reason = f"starts from row {row.init_from}, which did not run"
@@ -203,7 +204,7 @@ def reproduce(
     same = _same_test_cells([Path(r["run"]) for r in results if r["status"] == "ok"])
     for combo in COMBOS if combos is None else combos:
         if all(k in runs for k in combo.rows):
-            console.rule(f"[bold]combination: {combo.name}")
+            log.info("combination: %s", combo.name)
             results.append(
                 _combination(combo, runs, results, out_dir=out_dir, data_dir=data_dir, n_boot=n_boot, seed=seed)
             )
@@ -212,7 +213,7 @@ def reproduce(
     keys = [k for k in AUDIT_ROWS if k in runs] or list(runs)[:1]
     for key in keys if audit else []:
         row = next(r for r in rows if r.key == key)
-        console.rule(f"[bold red]leakage audit: {row.name} on a LEAKY by-image split")
+        log.info("leakage audit: %s on a LEAKY by-image split", row.name)
         config = row_config(row, quick=quick, seed=seed, runs=runs, weights=weights, overrides=overrides, split=LEAKY)
         run_dir = out_dir / f"audit-{LEAKY}-{row.key}"
         t0 = time.perf_counter()
@@ -232,8 +233,8 @@ def reproduce(
 
     previous = out_dir / "results.json"
     first_wall = None  # the wall time of the first invocation, which trained the runs this one reused
-    if reused and previous.exists():
-        before = json.loads(previous.read_text())
+    before = _read_result(previous) if reused else None
+    if before is not None:
         first_wall = before.get("full_run_wall_s") or (before["wall_s"] if not before.get("reused_runs") else None)
     command = " ".join(
         ["malaria-cells reproduce", f"--data {data_dir}", f"--out {out_dir}"]
@@ -261,11 +262,13 @@ def reproduce(
     atomic_write_json(out_dir / "results.json", out)
     _plot(out, out_dir / "comparison.png")
     atomic_write_text(out_dir / "results.md", render_results(out))
-    console.print(f"[green]wrote[/] {out_dir / 'results.md'}")
+    log.info("wrote %s", out_dir / "results.md")
     if out["unavailable"]:
-        console.print(
-            f"[bold yellow]warning:[/] {len(out['unavailable'])} row(s) without results: "
-            f"{', '.join(out['unavailable'])} ({UNAVAILABLE}; --strict makes this an error)"
+        log.warning(
+            "%d row(s) without results: %s (%s; --strict makes this an error)",
+            len(out["unavailable"]),
+            ", ".join(out["unavailable"]),
+            UNAVAILABLE,
         )
     return out
 
@@ -310,13 +313,14 @@ def row_config(
 
 def _train_or_reuse(config: TrainConfig, *, data_dir: Path, run_dir: Path, resume: bool) -> bool:
     """Train the run, resume it, or reuse it when finished; True when reused."""
-    if resume and (run_dir / "config.yaml").exists():
-        if load_config(run_dir / "config.yaml") != config:
+    run = Run(run_dir)
+    if resume and run.config_path.exists():
+        if run.config() != config:
             raise ValueError(
                 f"{run_dir} holds a run with another config; pass another --out (or delete it) to train this one"
             )
-        if (run_dir / "metadata.json").exists():
-            console.print(f"reusing finished run {run_dir}")
+        if run.finished:
+            log.info("reusing finished run %s", run_dir)
             return True
         train(config=config, data_dir=data_dir, run_dir=run_dir, resume=True)
         return False
@@ -336,18 +340,19 @@ def _unavailable(row: Row, reason: str) -> dict:
 
 
 def _evaluate(row: Row, run_dir: Path, *, data_dir: Path, n_boot: int, seed: int, t0: float) -> dict:
+    run = Run.open(run_dir)
     done = run_dir / "eval-test" / "metrics.json"
-    ev = json.loads(done.read_text()) if done.exists() else None
+    ev = _read_result(done)
     # A finished evaluation of these very weights (written after them) with the same bootstrap is reused.
     if (
         ev is None
         or ev["data"] != str(data_dir)
         or ev["bootstrap"]["resamples"] != n_boot
         or ev["bootstrap"]["seed"] != seed
-        or done.stat().st_mtime < (run_dir / "best.safetensors").stat().st_mtime
+        or done.stat().st_mtime < run.weights_path("best").stat().st_mtime
     ):
         ev = evaluate_run(run_dir=run_dir, data_dir=data_dir, split="test", n_boot=n_boot, seed=seed)
-    meta = json.loads((run_dir / "metadata.json").read_text())
+    meta = run.meta.to_dict()  # the typed fields plus what the trainer adds (transfer, weights_mb, speeds)
     transfer = meta.get("transfer") or {}
     extraction = transfer.get("extraction") or {}
     return {
@@ -356,7 +361,7 @@ def _evaluate(row: Row, run_dir: Path, *, data_dir: Path, n_boot: int, seed: int
         "strategy": row.strategy,
         "status": "ok",
         "run": str(run_dir),
-        "split_kind": meta["split_kind"],
+        "split_kind": run.meta.split_kind,
         "published_accuracy_leaky": row.published,
         "metrics": {k: ev["metrics"][k] for k in METRICS},
         "threshold": ev["threshold"],
@@ -364,7 +369,7 @@ def _evaluate(row: Row, run_dir: Path, *, data_dir: Path, n_boot: int, seed: int
         "trainable_parameters": meta.get("trainable_parameters"),
         "weights_mb": meta["weights_mb"],
         "weights": meta.get("weights"),
-        "input_size": meta["preprocessing"]["input_size"],
+        "input_size": run.meta.preprocessing.input_size,
         "epochs_run": meta["epochs_run"],
         "best_epoch": meta["best_epoch"],
         "train_time_s": meta["train_time_s"],
@@ -385,12 +390,12 @@ def _combination(
     t0 = time.perf_counter()
     run_dirs = [runs[k] for k in combo.rows]
     path = out_dir / "combinations" / f"{combo.key}.json"
-    ev = json.loads(path.read_text()) if path.exists() else None
+    ev = _read_result(path)
     if (
         ev is None
         or ev["data"] != str(data_dir)
         or (ev["n_boot"], ev["seed"]) != (n_boot, seed)
-        or any(path.stat().st_mtime < (r / "best.safetensors").stat().st_mtime for r in run_dirs)
+        or any(path.stat().st_mtime < Run(r).weights_path("best").stat().st_mtime for r in run_dirs)
     ):
         ev = evaluate_combination(
             run_dirs=run_dirs,
@@ -427,14 +432,20 @@ def _combination(
 
 def _same_test_cells(run_dirs: list[Path]) -> bool:
     """Whether every run's split.csv puts the same cells in test (so every row is scored on the same patients)."""
-    sets = []
-    for run in run_dirs:
-        with open(run / "split.csv", newline="", encoding="utf-8") as f:
-            sets.append(frozenset(r["rel"] for r in csv.DictReader(f) if r["split"] == "test"))
-    same = len(set(sets)) <= 1
+    sets = {frozenset(rel for rel, which in Run(d).split().assignment.items() if which == "test") for d in run_dirs}
+    same = len(sets) <= 1
     if not same:
-        console.print("[bold red]warning:[/] the rows were not tested on the same cells; compare them with care")
+        log.warning("the rows were not tested on the same cells; compare them with care")
     return same
+
+
+def _read_result(path: Path) -> dict | None:
+    """A result this module wrote earlier (``results.json``, a combination's JSON) or an evaluation's
+    ``metrics.json``: the one place reproduce reads JSON; ``None`` when the file is absent.
+
+    Run folders themselves (metadata, config, split) are read through :class:`~malaria_cells.run.Run`.
+    """
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def _plot(out: dict, path: Path) -> None:
@@ -578,8 +589,3 @@ def render_results(out: dict) -> str:
         )
     lines += ["", "![comparison](comparison.png)", ""]
     return "\n".join(lines)
-
-
-def row_names() -> list[str]:
-    """Names of the default rows."""
-    return [dataclasses.asdict(r)["name"] for r in ROWS]

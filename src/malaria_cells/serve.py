@@ -1,45 +1,89 @@
 """The web service: a page to drop cell images on, and a small JSON API, with FastAPI and uvicorn.
 
 Routes: ``GET /`` (the page, static files under ``/static``), ``POST /api/v1/predict`` (multipart, field
-``files``, one or many), ``GET /api/v1/health``, ``GET /api/v1/model`` (model card), ``GET /openapi.json``
-and ``GET /docs``. Nothing the pages load comes from outside this server (the machine may have no network):
-FastAPI's own /docs pulls Swagger UI from a CDN, so ``/docs`` here is a small local page that renders
+``files``, one or many), ``GET /api/v1/health``, ``GET /api/v1/model`` (model card and limits),
+``GET /openapi.json`` and ``GET /docs``. Nothing the pages load comes from outside this server (the machine may have
+no network): FastAPI's own /docs pulls Swagger UI from a CDN, so ``/docs`` here is a small local page that renders
 ``/openapi.json`` itself.
 
-Every failure is a JSON ``{"error": {"code", "message"}}`` with a 4xx status, never a 500 for bad input. For
-``/api/v1/predict`` the body always lists every file (``results``); the status is 200 when all files were
-classified, otherwise the 4xx of the first file that failed, so a client can check one number.
+Every failure is a JSON ``{"error": {"code", "message"}}`` with a 4xx/5xx status, never a 500 for bad input; the
+codes and statuses come from the error objects (:class:`~malaria_cells.errors.MalariaCellsError`), never from their
+English messages. For ``/api/v1/predict`` the body always lists every file (``results``); the status is 200 when all
+files were classified, otherwise the status of the first file that failed, so a client can check one number.
+
+How one request cannot stall the service, and how memory stays bounded:
+
+* Admission (before the body is read): at most ``max_requests`` predictions and ``max_inflight_mb`` of declared
+  upload bytes at once; beyond, ``503 server_busy`` with ``Retry-After``. Uploads over the request limit get 413,
+  uploads slower than ``body_timeout_s`` get 408, request headers slower than ``header_timeout_s`` get the
+  connection closed, and only the bound host names are served (DNS rebinding).
+* Uploads spool to temporary files (Starlette keeps up to 1 MB per file in RAM); each file is read, decoded and
+  letterboxed in one of ``decode_threads`` shared decoding threads (a request uses at most half of them at once),
+  and its raw bytes and temporary file are dropped as soon as it is decoded.
+  A request may decode at most ``max_request_megapixels`` in all (per file: :data:`preprocess.MAX_PIXELS`) and
+  spend at most ``decode_timeout_s`` decoding.
+* Only the model call holds a model slot, in batches of ``model_batch`` small letterboxed images, and slots are
+  granted in arrival order, so a one-cell request is served between a big request's batches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import errno
 import logging
+import math
 import os
+import socket
+import time
+import warnings
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO, Literal
 
-from fastapi import FastAPI, File, Query, Request, UploadFile
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from malaria_cells import __version__
-from malaria_cells.predict import Classifier, ModelError, Prediction, resolve_model
-from malaria_cells.preprocess import ImageError
+from malaria_cells.errors import EXIT_UNAVAILABLE, ConfigError, MalariaCellsError
+from malaria_cells.predict import Classifier, ModelError, resolve_model
+from malaria_cells.preprocess import MAX_PIXELS, ImageError, webp_size
 
 STATIC = Path(__file__).resolve().parent / "static"
 API = "/api/v1"
+PREDICT_PATH = f"{API}/predict"
 DEFAULT_MAX_UPLOAD_MB = 10.0
-DEFAULT_MAX_FILES = 32  # with 10 MB files, at most 320 MB of uploads held at once
+DEFAULT_MAX_FILES = 32
+# Decoded pixels per request, in megapixels: a cell is ~130x130 px, so 32 cells are 0.5 MP; 64 MP is one image at
+# the per-file limit (40 MP, preprocess.MAX_PIXELS) and then some. Decoding 40 MP takes ~0.5 s on one core.
+DEFAULT_MAX_REQUEST_MEGAPIXELS = 64.0
+# Predictions admitted at once (more: 503). benchmarks/load_test.py sends 16 at once; the memory bound is the bytes.
+DEFAULT_MAX_REQUESTS = 32
+DEFAULT_BODY_TIMEOUT_S = 60.0  # a whole upload; 320 MB (32 files x 10 MB) in 60 s needs ~43 Mbit/s
+DEFAULT_DECODE_TIMEOUT_S = 30.0  # decoding one request's files, queueing for a decoding thread included
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # request line and headers (slowloris); uvicorn itself has no such timeout
+DEFAULT_KEEP_ALIVE_S = 5  # idle keep-alive connections are closed after this (uvicorn's default)
+MAX_HEADER_BYTES = 16 * 1024  # request line + headers (h11's incomplete-event limit); ours are ~1 KB
+DEFAULT_MODEL_BATCH = 8  # images per model call; a slot is released between batches
 # Requests classified at once. benchmarks/load_test.py on 2 cores, one cell per request: 1 worker x 2 threads and
 # 2 workers x 1 thread both serve ~230 requests/s, but 1 worker has half the p99 latency (137 vs 258 ms).
 DEFAULT_WORKERS = 1
+MULTIPART_OVERHEAD = 64 * 1024  # bytes per file allowed for multipart headers in the request-size limit
+RETRY_AFTER_S = 2  # what a 503 tells the client to wait, in seconds
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+WILDCARD_BINDS = ("", "0.0.0.0", "::")
 # Pages may load only what this server serves; data: and blob: for the heatmaps and the local previews.
 CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; "
@@ -48,64 +92,571 @@ CSP = (
 log = logging.getLogger("malaria_cells.serve")
 
 
-def error_code(message: str) -> tuple[int, str]:
-    """HTTP status and a machine-readable code for an :class:`ImageError` message.
+class ServeUnavailableError(MalariaCellsError):
+    """Something the service needs cannot be had here (the port is in use); CLI exit code 4."""
+
+    code = "unavailable"
+    status = 503
+    exit_code = EXIT_UNAVAILABLE
+
+
+# --------------------------------------------------------------------------------------------- configuration
+
+
+def _cores() -> int:
+    """CPU cores this process may run on (the affinity mask where there is one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _positive(name: str, value: float, *, integer: bool = False, minimum: float = 0.0) -> None:
+    """Raise ConfigError unless ``value`` is a finite number above ``minimum`` (at least 1 for integers)."""
+    flag = "--" + name.replace("_", "-")
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, int) or value < max(1, minimum):
+            raise ConfigError(f"{flag} must be a whole number of at least {max(1, int(minimum))}, not {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= minimum:
+        raise ConfigError(f"{flag} must be a number above {minimum:g}, not {value!r}")
+
+
+def check_port(port: int) -> None:
+    """Refuse a TCP port outside 1-65535.
 
     Args:
-        message: the error's text (``decode_image`` words its reasons consistently).
+        port: the port to bind.
+
+    Raises:
+        ConfigError: out of range (CLI exit code 2).
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be between 1 and 65535, not {port!r}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The service's limits and sizes; every value is checked when the object is made (ConfigError, exit code 2).
+
+    Attributes:
+        max_upload_mb: largest accepted file, in MB (10**6 bytes).
+        max_files: most files in one request.
+        max_request_megapixels: most decoded pixels in one request, in MP (10**6 px); files beyond get 413.
+        max_requests: predictions admitted at once; more get 503 with Retry-After.
+        max_inflight_mb: upload bytes (declared Content-Length) admitted at once, in MB; None: two largest
+            requests. At least one largest request.
+        workers: model calls at once (model slots).
+        threads: intra-op threads of the model (None: cores // workers, at least 1).
+        decode_threads: threads that decode uploads, shared by all requests (None: the cores, at least 2, so one
+            big file never blocks every decode).
+        model_batch: images per model call; the model slot is released between calls.
+        body_timeout_s: most seconds to receive one request body; slower uploads get 408.
+        decode_timeout_s: most seconds one request may spend decoding; files not started by then get 503.
+        header_timeout_s: most seconds to receive a request's line and headers; slower connections are closed.
+        keep_alive_s: idle keep-alive connections are closed after this many seconds.
+        allowed_hosts: extra Host header names served (``*`` any, ``*.example.org`` subdomains); localhost,
+            127.0.0.1, ::1 and the bound host are always served.
+    """
+
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
+    max_files: int = DEFAULT_MAX_FILES
+    max_request_megapixels: float = DEFAULT_MAX_REQUEST_MEGAPIXELS
+    max_requests: int = DEFAULT_MAX_REQUESTS
+    max_inflight_mb: float | None = None
+    workers: int = DEFAULT_WORKERS
+    threads: int | None = None
+    decode_threads: int | None = None
+    model_batch: int = DEFAULT_MODEL_BATCH
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
+    allowed_hosts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _positive("max_upload_mb", self.max_upload_mb)
+        _positive("max_files", self.max_files, integer=True)
+        _positive("max_request_megapixels", self.max_request_megapixels)
+        _positive("max_requests", self.max_requests, integer=True)
+        _positive("workers", self.workers, integer=True)
+        _positive("model_batch", self.model_batch, integer=True)
+        for name in ("threads", "decode_threads"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name), integer=True)
+        for name in ("body_timeout_s", "decode_timeout_s", "header_timeout_s", "keep_alive_s"):
+            _positive(name.removesuffix("_s").replace("_", "-"), getattr(self, name))
+        if self.max_inflight_mb is not None:
+            _positive("max_inflight_mb", self.max_inflight_mb)
+            if self.max_inflight_mb * 1e6 < self.max_request_bytes:
+                raise ConfigError(
+                    f"--max-inflight-mb {self.max_inflight_mb:g} is less than one largest request "
+                    f"({self.max_request_bytes / 1e6:.1f} MB = max files x max upload size); raise it"
+                )
+        hosts = (self.allowed_hosts,) if isinstance(self.allowed_hosts, str) else tuple(self.allowed_hosts)
+        if any(not isinstance(h, str) or not h.strip() for h in hosts):
+            raise ConfigError(f"--allowed-host needs a host name, not {self.allowed_hosts!r}")
+        object.__setattr__(self, "allowed_hosts", tuple(h.strip().lower().rstrip(".") for h in hosts))
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """Largest accepted file, in bytes."""
+        return int(self.max_upload_mb * 1_000_000)
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Largest accepted request body: every file at the limit plus room for the multipart headers."""
+        return self.max_files * (self.max_upload_bytes + MULTIPART_OVERHEAD)
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        """Upload bytes admitted at once."""
+        if self.max_inflight_mb is None:
+            return 2 * self.max_request_bytes
+        return int(self.max_inflight_mb * 1_000_000)
+
+    @property
+    def max_request_pixels(self) -> int:
+        """Most decoded pixels in one request."""
+        return int(self.max_request_megapixels * 1_000_000)
+
+    @property
+    def model_threads(self) -> int:
+        """Intra-op threads of each model call."""
+        return self.threads or max(1, _cores() // self.workers)
+
+    @property
+    def decoders(self) -> int:
+        """Threads decoding uploads."""
+        return self.decode_threads or max(2, _cores())
+
+    @property
+    def decode_window(self) -> int:
+        """Files one request decodes at once: half the decoding threads, so one request never takes them all."""
+        return max(1, self.decoders // 2)
+
+    def served_hosts(self, bound_host: str) -> tuple[str, ...]:
+        """The Host header names served when bound to ``bound_host``.
+
+        Args:
+            bound_host: the interface the server listens on.
+
+        Returns:
+            Lower-case names (patterns ``*`` and ``*.domain`` allowed).
+        """
+        extra = () if bound_host.strip("[]") in WILDCARD_BINDS else (bound_host.strip("[]").lower(),)
+        return tuple(dict.fromkeys((*LOCAL_HOSTS, *extra, *self.allowed_hosts)))
+
+
+# --------------------------------------------------------------------------------------------- response models
+
+
+class ErrorInfo(BaseModel):
+    """What went wrong, for a program (``code``) and for a person (``message``)."""
+
+    code: str = Field(
+        description="Stable machine code: no_files, not_a_file, too_many_files, file_too_large, request_too_large, "
+        "request_too_many_pixels, decode_timeout, empty_file, not_an_image, too_many_pixels, image_too_small, "
+        "unreadable_image, unusable_image, server_busy, request_timeout, invalid_host, method_not_allowed, ..."
+    )
+    message: str = Field(description="What happened, in words (names the file where there is one).")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer."""
+
+    error: ErrorInfo
+
+
+class FileSuccess(BaseModel):
+    """One classified image."""
+
+    filename: str = Field(description="The upload's file name (or 'file N' when it has none).")
+    ok: Literal[True] = True
+    label: str = Field(description="The predicted class: Parasitized or Uninfected.")
+    probability: float = Field(ge=0, le=1, description="P(Parasitized).")
+    threshold: float = Field(description="Parasitized when probability >= threshold.")
+    heatmap: str | None = Field(
+        default=None, description="Grad-CAM overlay as a PNG data URL (heatmap=true on a torch model), else null."
+    )
+
+
+class FileFailure(BaseModel):
+    """One image that could not be classified, with the reason."""
+
+    filename: str = Field(description="The upload's file name (or 'file N' when it has none).")
+    ok: Literal[False] = False
+    status: int = Field(description="The HTTP status this failure alone would have (413, 415, 422, 503, ...).")
+    error: ErrorInfo
+
+
+class ModelSummary(BaseModel):
+    """The model that answered."""
+
+    name: str | None = Field(description="Architecture name, e.g. custom-cnn.")
+    backend: str = Field(description="onnx or torch.")
+    threshold: float = Field(description="Parasitized when P(Parasitized) >= threshold.")
+
+
+class PredictResponse(BaseModel):
+    """One result per uploaded file, in upload order."""
+
+    results: list[Annotated[FileSuccess | FileFailure, Field(discriminator="ok")]]
+    model: ModelSummary
+    error: ErrorInfo | None = Field(
+        default=None, description="Only when some file failed: the count and the first failure (its code)."
+    )
+
+
+class ServiceLimits(BaseModel):
+    """What one request may hold, and what the service admits at once."""
+
+    max_upload_mb: float = Field(description="Largest file, in MB (10**6 bytes).")
+    max_files: int = Field(description="Most files per request.")
+    max_request_mb: float = Field(description="Largest request body, in MB.")
+    max_image_megapixels: float = Field(description="Most pixels in one image, in MP.")
+    max_request_megapixels: float = Field(description="Most decoded pixels in one request, in MP.")
+    max_requests_in_flight: int = Field(description="Predictions admitted at once; more get 503 + Retry-After.")
+    max_inflight_mb: float = Field(description="Upload MB admitted at once; more get 503 + Retry-After.")
+    body_timeout_s: float = Field(description="Most seconds to send one request body; slower gets 408.")
+    decode_timeout_s: float = Field(description="Most seconds one request may spend decoding its files.")
+
+
+class ModelInfo(BaseModel):
+    """The model card: name, classes, threshold, preprocessing, provenance, and this service's limits."""
+
+    model_config = ConfigDict(extra="allow")  # every card field of the model file is passed on
+
+    model: str | None = Field(default=None, description="Architecture name.")
+    backend: str = Field(description="onnx or torch.")
+    source: str = Field(description="The model file or run folder's name (not its path on the server).")
+    class_names: list[str] = Field(description="Class names; index 1 is usually Parasitized.")
+    positive_class: str | None = Field(default=None, description="The class whose probability is reported.")
+    threshold: float = Field(description="Parasitized when P(Parasitized) >= threshold.")
+    preprocessing: dict[str, Any] = Field(description="Input size (px), mean, std, resize method.")
+    explainable: bool = Field(description="Whether heatmap=true gives Grad-CAM overlays (torch models).")
+    disclaimer: str
+    limits: ServiceLimits
+
+
+class HealthResponse(BaseModel):
+    """Liveness, readiness and load."""
+
+    status: Literal["ok", "busy", "saturated", "loading"] = Field(
+        description="loading: model not loaded yet; saturated: the admission limit is reached (new predictions get "
+        "503); busy: work is queued (model slots all busy or waited for, or decoding threads all taken); else ok."
+    )
+    model_loaded: bool
+    version: str
+    requests_in_flight: int = Field(description="Predictions admitted and not finished.")
+    max_requests_in_flight: int
+    upload_mb_in_flight: float = Field(description="Declared upload MB of the admitted predictions.")
+    max_inflight_mb: float
+    model_slots: int = Field(description="Model calls that may run at once (--workers).")
+    model_slots_busy: int
+    model_queue: int = Field(description="Model calls waiting for a slot.")
+    decodes_in_progress: int = Field(description="Files decoding or waiting for a decoding thread.")
+    decode_threads: int
+    refused_busy: int = Field(description="Predictions refused with 503 since the start.")
+
+
+# --------------------------------------------------------------------------------------------- service state
+
+
+class ModelSlots:
+    """At most ``size`` model calls at once, granted in arrival order (asyncio.Semaphore wakes waiters FIFO)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.busy = 0
+        self.waiting = 0
+        self._sem = asyncio.Semaphore(size)  # made in the lifespan: it belongs to the server's event loop
+
+    @asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """Wait for a slot, hold it for the block, release it."""
+        self.waiting += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            self.waiting -= 1
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+            self._sem.release()
+
+
+@dataclass
+class ServiceState:
+    """Everything the running service holds: config, model, thread pools and load counters (event-loop only)."""
+
+    config: ServeConfig
+    hosts: tuple[str, ...]
+    model: str | Path | None = None
+    classifier: Classifier | None = None
+    slots: ModelSlots | None = None
+    decode_pool: ThreadPoolExecutor | None = None
+    model_pool: ThreadPoolExecutor | None = None
+    requests_in_flight: int = 0
+    bytes_in_flight: int = 0
+    decodes_in_progress: int = 0
+    refused_busy: int = 0
+    owns_classifier: bool = False
+
+    async def start(self) -> None:
+        """Load the model (unless one was given) and start the slots and thread pools."""
+        cfg = self.config
+        if self.classifier is None:
+            self.classifier = await run_in_threadpool(Classifier.load, self.model, threads=cfg.model_threads)
+            self.owns_classifier = True
+        self.slots = ModelSlots(cfg.workers)
+        self.decode_pool = ThreadPoolExecutor(cfg.decoders, thread_name_prefix="serve-decode")
+        self.model_pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="serve-model")
+        clf = self.classifier
+        log.info("model %s (%s) loaded from %s", clf.card.get("model"), clf.backend, clf.source)
+
+    def stop(self) -> None:
+        """Stop the thread pools (and the classifier's, if this service loaded it)."""
+        for pool in (self.decode_pool, self.model_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        if self.owns_classifier and self.classifier is not None:
+            self.classifier.close()
+
+    def try_admit(self, nbytes: int) -> bool:
+        """Admit a prediction of ``nbytes`` declared upload bytes, or say no (the caller answers 503)."""
+        cfg = self.config
+        if self.requests_in_flight >= cfg.max_requests or self.bytes_in_flight + nbytes > cfg.max_inflight_bytes:
+            self.refused_busy += 1
+            return False
+        self.requests_in_flight += 1
+        self.bytes_in_flight += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        """Forget an admitted prediction."""
+        self.requests_in_flight -= 1
+        self.bytes_in_flight -= nbytes
+
+    def health(self) -> HealthResponse:
+        """The current load, and the status that sums it up."""
+        cfg = self.config
+        slots_busy = self.slots.busy if self.slots else 0
+        queue = self.slots.waiting if self.slots else 0
+        free_bytes = cfg.max_inflight_bytes - self.bytes_in_flight
+        if self.classifier is None:
+            status = "loading"
+        elif self.requests_in_flight >= cfg.max_requests or free_bytes < cfg.max_upload_bytes:
+            status = "saturated"
+        elif queue or slots_busy >= cfg.workers or self.decodes_in_progress >= cfg.decoders:
+            status = "busy"
+        else:
+            status = "ok"
+        return HealthResponse(
+            status=status,
+            model_loaded=self.classifier is not None,
+            version=__version__,
+            requests_in_flight=self.requests_in_flight,
+            max_requests_in_flight=cfg.max_requests,
+            upload_mb_in_flight=round(self.bytes_in_flight / 1e6, 3),
+            max_inflight_mb=round(cfg.max_inflight_bytes / 1e6, 3),
+            model_slots=cfg.workers,
+            model_slots_busy=slots_busy,
+            model_queue=queue,
+            decodes_in_progress=self.decodes_in_progress,
+            decode_threads=cfg.decoders,
+            refused_busy=self.refused_busy,
+        )
+
+    def limits(self) -> ServiceLimits:
+        """The limits, as /api/v1/model shows them."""
+        cfg = self.config
+        return ServiceLimits(
+            max_upload_mb=cfg.max_upload_bytes / 1e6,
+            max_files=cfg.max_files,
+            max_request_mb=round(cfg.max_request_bytes / 1e6, 3),
+            max_image_megapixels=MAX_PIXELS / 1e6,
+            max_request_megapixels=cfg.max_request_pixels / 1e6,
+            max_requests_in_flight=cfg.max_requests,
+            max_inflight_mb=round(cfg.max_inflight_bytes / 1e6, 3),
+            body_timeout_s=cfg.body_timeout_s,
+            decode_timeout_s=cfg.decode_timeout_s,
+        )
+
+
+def service_state(app: FastAPI) -> ServiceState:
+    """The :class:`ServiceState` of an app made by :func:`create_app`.
+
+    Args:
+        app: the application.
 
     Returns:
-        (status, code).
+        Its state.
     """
-    checks = (
-        ("empty file", 422, "empty_file"),
-        ("not an image", 415, "not_an_image"),
-        ("too many pixels", 422, "too_many_pixels"),
-        ("too small", 422, "image_too_small"),
-        ("truncated", 422, "unreadable_image"),
-    )
-    for needle, status, code in checks:
-        if needle in message:
-            return status, code
-    return 422, "unusable_image"
+    return app.state.service
 
 
-def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}, **extra}, status_code=status)
+def _state(request: Request) -> ServiceState:
+    return service_state(request.app)
 
 
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413, before anything parses them.
+State = Annotated[ServiceState, Depends(_state)]
 
-    Checks Content-Length up front and counts streamed bytes too (a chunked upload has no length).
-    """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+# --------------------------------------------------------------------------------------------- ASGI middleware
+
+
+def _error(
+    status: int, code: str, message: str, *, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}, **extra}, status_code=status, headers=headers)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers") or ():
+        if key == name:
+            return value
+    return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+class SecurityHeaders:
+    """ASGI middleware: the page's Content-Security-Policy and no-sniff/no-referrer headers on every answer."""
+
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.extra = [
+            (b"content-security-policy", CSP.encode()),
+            (b"x-content-type-options", b"nosniff"),
+            (b"referrer-policy", b"no-referrer"),
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+
+        async def send_with_headers(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                present = {k.lower() for k, _ in msg.get("headers", ())}
+                msg["headers"] = [*msg.get("headers", ()), *(h for h in self.extra if h[0] not in present)]
+            await send(msg)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def host_allowed(host_header: str, allowed: Sequence[str]) -> bool:
+    """Whether a Host header names one of the served hosts (port ignored; ``*`` and ``*.domain`` patterns).
+
+    Args:
+        host_header: the Host header, e.g. ``127.0.0.1:8000`` or ``[::1]:8000``.
+        allowed: served names, lower case.
+
+    Returns:
+        True when served.
+    """
+    h = host_header.strip().lower()
+    if h.startswith("["):  # IPv6 literal, maybe with a port
+        h = h[1 : h.find("]")] if "]" in h else h[1:]
+    elif h.count(":") == 1:
+        h = h.rsplit(":", 1)[0]
+    h = h.rstrip(".")
+    for pattern in allowed:
+        if pattern == "*" or h == pattern or (pattern.startswith("*.") and h.endswith(pattern[1:])):
+            return True
+    return False
+
+
+class HostCheck:
+    """ASGI middleware: answer 400 ``invalid_host`` unless the Host header names a served host.
+
+    A web page on another site can make the browser send requests to 127.0.0.1 under the attacker's host name
+    (DNS rebinding); checking the name keeps such pages out.
+    """
+
+    def __init__(self, app: ASGIApp, *, allowed: Sequence[str]) -> None:
+        self.app = app
+        self.allowed = tuple(allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # no WebSocket routes: the router refuses those
+            await self.app(scope, receive, send)
+            return
+        host = (_header(scope, b"host") or b"").decode("latin-1")
+        if host_allowed(host, self.allowed):
+            await self.app(scope, receive, send)
+            return
+        name = host or "(none)"
         message = (
+            f"Host header {name!r} is not served here (protection against DNS rebinding); serves "
+            f"{', '.join(self.allowed)}. Start the server with --allowed-host NAME to serve another name"
+        )
+        await _error(400, "invalid_host", message, headers={"Connection": "close"})(scope, receive, send)
+
+
+class ServiceHTTPError(HTTPException):
+    """An HTTP error with our machine code. An HTTPException, so FastAPI's body parsing passes it on when the
+    request's ``receive`` raises it (it turns other errors into a 400)."""
+
+    def __init__(self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.code = code
+
+
+class BodyGuard:
+    """ASGI middleware: refuse request bodies over ``max_bytes`` (413) or slower than ``timeout_s`` (408).
+
+    Checks Content-Length up front and counts streamed bytes too (a chunked upload has no length). The time runs
+    from the moment the headers are in until the last body byte.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = (
             f"request body larger than {self.max_bytes / 1e6:.1f} MB (max files x max upload size); "
             "send fewer or smaller files"
         )
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await _error(413, "request_too_large", message)(scope, receive, send)
+        length = _content_length(scope)
+        if length is not None and length > self.max_bytes:
+            await _error(413, "request_too_large", too_large, headers={"Connection": "close"})(scope, receive, send)
             return
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         seen = 0
+        body_done = False
         started = False
 
-        async def limited_receive() -> Message:
-            nonlocal seen
-            msg = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal seen, body_done
+            if body_done:  # after the body only http.disconnect can come: no deadline on that wait
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    msg = await receive()
+            except TimeoutError:
+                raise ServiceHTTPError(
+                    408,
+                    "request_timeout",
+                    f"the request body was not received within {self.timeout_s:g} s; send it faster or in smaller "
+                    "requests",
+                    headers={"Connection": "close"},  # the rest of the body is not wanted
+                ) from None
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge(message)
+                    raise ServiceHTTPError(413, "request_too_large", too_large, headers={"Connection": "close"})
+                body_done = not msg.get("more_body", False)
             return msg
 
         async def tracking_send(msg: Message) -> None:
@@ -114,192 +665,95 @@ class BodyLimit:
             await send(msg)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
+            await self.app(scope, guarded_receive, tracking_send)
+        except ServiceHTTPError as e:  # raised where no exception handler caught it
             if not started:
-                await _error(413, "request_too_large", message)(scope, receive, send)
+                await _error(e.status_code, e.code, str(e.detail), headers=e.headers)(scope, receive, send)
 
 
-class _TooLarge(HTTPException):
-    # An HTTPException, so FastAPI's body parsing passes it on (it turns other errors into a 400).
-    def __init__(self, message: str) -> None:
-        super().__init__(status_code=413, detail=message)
+class Admission:
+    """ASGI middleware: admit predictions while the count and upload-byte budgets allow, else 503 + Retry-After.
 
-
-def create_app(
-    *,
-    model: str | Path | None = None,
-    classifier: Classifier | None = None,
-    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-    max_files: int = DEFAULT_MAX_FILES,
-    threads: int | None = None,
-    workers: int = DEFAULT_WORKERS,
-) -> FastAPI:
-    """Build the app; the model is loaded once, at start-up (lifespan), unless a classifier is given.
-
-    Requests are decoded and classified in at most ``workers`` threads at a time, each model call using
-    ``threads`` cores: with 16 clients and no cap every request's model call would ask for every core at once,
-    and the server would grow a thread (and its runtime arenas) per concurrent request.
-
-    Args:
-        model: an ``.onnx`` file or a run folder (``None``: ``$MALARIA_CELLS_MODEL`` or the shipped default).
-        classifier: an already loaded classifier (tests); wins over ``model``.
-        max_upload_mb: largest accepted file, in MB (10**6 bytes).
-        max_files: most files in one request.
-        threads: intra-op threads of the model (default: cores // workers, at least 1).
-        workers: requests classified at once (>= 1); the others wait their turn.
-
-    Returns:
-        The FastAPI application.
+    Runs before the body is read, so a refused upload costs nothing. A request without Content-Length is counted
+    at the largest request size.
     """
-    max_upload = int(max_upload_mb * 1_000_000)
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, not {workers}")
-    threads = threads or max(1, (os.cpu_count() or 1) // workers)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        app.state.classifier = classifier or await run_in_threadpool(Classifier.load, model, threads=threads)
-        app.state.model_slots = asyncio.Semaphore(workers)  # created here: it belongs to the server's event loop
-        clf: Classifier = app.state.classifier
-        log.info("model %s (%s) loaded from %s", clf.card.get("model"), clf.backend, clf.source)
-        yield
+    def __init__(self, app: ASGIApp, *, state: ServiceState) -> None:
+        self.app = app
+        self.state = state
 
-    app = FastAPI(
-        title="malaria-cells",
-        version=__version__,
-        summary="Classify thin-smear red blood cell images as Parasitized or Uninfected.",
-        description="Research and education use only; not a medical device and not for diagnosis.",
-        lifespan=lifespan,
-        docs_url=None,  # FastAPI's pages load Swagger UI / ReDoc from a CDN; /docs below is local
-        redoc_url=None,
-    )
-    app.state.max_upload = max_upload
-    app.state.max_files = max_files
-    # Largest legitimate body: every file at the limit, plus room for the multipart headers.
-    app.add_middleware(BodyLimit, max_bytes=max_files * max_upload + 64 * 1024 * max_files)
-
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers.setdefault("Content-Security-Policy", CSP)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        return response
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        missing_files = any(tuple(e.get("loc") or ())[-1:] == ("files",) for e in exc.errors())
-        if missing_files:
-            return _error(
-                400,
-                "no_files",
-                "no image files in the request: send multipart/form-data with one or more parts named 'files'",
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != PREDICT_PATH:
+            await self.app(scope, receive, send)
+            return
+        cfg = self.state.config
+        length = _content_length(scope)
+        nbytes = cfg.max_request_bytes if length is None else min(length, cfg.max_request_bytes)
+        if not self.state.try_admit(nbytes):
+            message = (
+                f"server busy: {self.state.requests_in_flight} request(s), "
+                f"{self.state.bytes_in_flight / 1e6:.1f} MB of uploads in progress (limits {cfg.max_requests} and "
+                f"{cfg.max_inflight_bytes / 1e6:.1f} MB); retry in {RETRY_AFTER_S} s"
             )
-        return _error(422, "invalid_request", "; ".join(_describe(e) for e in exc.errors()) or "invalid request")
+            headers = {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"}
+            await _error(503, "server_busy", message, headers=headers)(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.release(nbytes)
 
-    @app.exception_handler(HTTPException)
-    async def on_http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        codes = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-        code = codes.get(exc.status_code, "error")
-        return _error(exc.status_code, code, str(exc.detail))
 
-    @app.exception_handler(Exception)
-    async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return _error(500, "internal_error", f"unexpected server error ({type(exc).__name__}); see the server log")
+# --------------------------------------------------------------------------------------------- exception handlers
 
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    @app.get("/docs", include_in_schema=False)
-    async def docs() -> FileResponse:
-        return FileResponse(STATIC / "docs.html", media_type="text/html")
+async def _on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    locs = [tuple(e.get("loc") or ()) for e in exc.errors()]
+    if any(loc[-1:] == ("files",) for loc in locs):
+        return _error(
+            400,
+            "no_files",
+            "no image files in the request: send multipart/form-data with one or more parts named 'files'",
+        )
+    plain = [loc[2] for loc in locs if len(loc) == 3 and loc[:2] == ("body", "files") and isinstance(loc[2], int)]
+    if plain:
+        return _error(
+            400,
+            "not_a_file",
+            f"part {plain[0] + 1} named 'files' is a plain form field, not a file (its Content-Disposition has no "
+            'filename); send each image as a file part: Content-Disposition: form-data; name="files"; '
+            'filename="cell.png"',
+        )
+    return _error(422, "invalid_request", "; ".join(_describe(e) for e in exc.errors()) or "invalid request")
 
-    @app.get(f"{API}/health", summary="Liveness and whether the model is loaded")
-    async def health(request: Request) -> dict[str, Any]:
-        clf: Classifier | None = getattr(request.app.state, "classifier", None)
-        return {
-            "status": "ok" if clf else "loading",
-            "model_loaded": clf is not None,
-            "version": __version__,
-        }
 
-    @app.get(f"{API}/model", summary="The model card: name, classes, threshold, preprocessing, provenance")
-    async def model_info(request: Request) -> dict[str, Any]:
-        clf: Classifier = request.app.state.classifier
-        return {
-            **clf.card,
-            "source": Path(clf.source).name,  # not the server's directory layout
-            "limits": {"max_upload_mb": max_upload / 1e6, "max_files": request.app.state.max_files},
-        }
+HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "request_too_large",
+    503: "server_busy",
+}
 
-    @app.post(
-        f"{API}/predict",
-        summary="Classify one or many cell images",
-        description="Multipart form with one or more parts named `files`. Returns one entry per file, in order. "
-        "Status 200 when every file was classified, otherwise the 4xx of the first failure (the body still lists "
-        "every file). `heatmap=true` adds a Grad-CAM overlay (PNG data URL) for torch models.",
-        responses={
-            400: {"description": "no files, or a malformed request"},
-            413: {"description": "a file or the request is too large"},
-            415: {"description": "a file is not an image"},
-            422: {"description": "an image is unusable (empty, truncated, too small, too many pixels)"},
-        },
-    )
-    async def predict(
-        request: Request,
-        files: Annotated[list[UploadFile], File(description="cell images (PNG, JPEG, WebP, ...)")],
-        heatmap: Annotated[bool, Query(description="add Grad-CAM overlays (torch models only)")] = False,
-    ) -> JSONResponse:
-        clf: Classifier = request.app.state.classifier
-        if len(files) > request.app.state.max_files:
-            return _error(400, "too_many_files", f"{len(files)} files; at most {request.app.state.max_files}")
-        names: list[str] = []
-        contents: list[bytes | None] = []
-        early: dict[int, dict] = {}
-        for i, f in enumerate(files):
-            name = f.filename or f"file {i + 1}"
-            names.append(name)
-            data = await f.read(max_upload + 1)
-            if len(data) > max_upload:
-                early[i] = _failure(
-                    name, 413, "file_too_large", f"{name}: larger than the {max_upload / 1e6:g} MB limit"
-                )
-                contents.append(None)
-            else:
-                contents.append(data)
-        todo = [i for i, c in enumerate(contents) if c is not None]
-        async with request.app.state.model_slots:
-            preds = await run_in_threadpool(clf.predict, [contents[i] for i in todo], names=[names[i] for i in todo])
-        results: list[dict] = [early.get(i, {}) for i in range(len(files))]
-        for i, p in zip(todo, preds, strict=True):
-            if p.ok:
-                results[i] = _success(p)
-                if heatmap and clf.explainable:
-                    async with request.app.state.model_slots:
-                        results[i]["heatmap"] = await run_in_threadpool(_heatmap, clf, contents[i], names[i])
-            else:
-                status, code = error_code(p.error or "")
-                results[i] = _failure(p.source, status, code, p.error or "unusable image")
-        failed = [r for r in results if not r["ok"]]
-        body = {
-            "results": results,
-            "model": {"name": clf.card.get("model"), "backend": clf.backend, "threshold": clf.threshold},
-        }
-        if failed:
-            first = failed[0]
-            body["error"] = {
-                "code": first["error"]["code"],
-                "message": f"{len(failed)} of {len(results)} file(s) could not be classified; first: "
-                f"{first['error']['message']}",
-            }
-            return JSONResponse(body, status_code=first["status"])
-        return JSONResponse(body)
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
+async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    code = getattr(exc, "code", None) or HTTP_CODES.get(exc.status_code, "error")
+    message = str(exc.detail)
+    allow = (exc.headers or {}).get("Allow")
+    if exc.status_code == 405 and allow:
+        message = f"{request.method} is not allowed on {request.url.path}; allowed: {allow}"
+    return _error(exc.status_code, code, message, headers=exc.headers)  # 405 keeps its Allow header
+
+
+async def _on_package_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, MalariaCellsError)
+    return _error(exc.status, exc.code, exc.message)
+
+
+async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error")
+    return _error(500, "internal_error", f"unexpected server error ({type(exc).__name__}); see the server log")
 
 
 def _describe(err: dict) -> str:
@@ -307,29 +761,471 @@ def _describe(err: dict) -> str:
     return f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid"))
 
 
-def _success(p: Prediction) -> dict[str, Any]:
-    return {
-        "filename": p.source,
-        "ok": True,
-        "label": p.label,
-        "probability": p.probability,
-        "threshold": p.threshold,
-        "heatmap": None,
-    }
+# --------------------------------------------------------------------------------------------- classification
 
 
-def _failure(name: str, status: int, code: str, message: str) -> dict[str, Any]:
-    return {"filename": name, "ok": False, "status": status, "error": {"code": code, "message": message}}
+@dataclass
+class _Upload:
+    """One uploaded file on its way through a request: its name, size, pixel count, then its result."""
+
+    name: str
+    file: BinaryIO
+    nbytes: int = 0
+    pixels: int | None = None  # from the header, None when the header cannot be read (decoding says why)
+    prepared: np.ndarray | None = None  # the letterboxed uint8 model input
+    failure: FileFailure | None = None
+
+    def fail(self, status: int, code: str, message: str) -> None:
+        self.failure = FileFailure(filename=self.name, status=status, error=ErrorInfo(code=code, message=message))
 
 
-def _heatmap(clf: Classifier, data: bytes | None, name: str) -> str | None:
+def _inspect(upload: _Upload) -> None:
+    """Size in bytes and pixel count from the spooled file's header; nothing is decoded (runs in a thread)."""
+    f = upload.file
+    f.seek(0, os.SEEK_END)
+    upload.nbytes = f.tell()
+    f.seek(0)
+    size = webp_size(f.read(30))
+    f.seek(0)
+    if size is None:
+        try:
+            with warnings.catch_warnings():
+                # Pillow warns about images over its own limit; ours (MAX_PIXELS) is smaller and checked below.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(f) as img:  # reads the header only; the spooled file stays open
+                    size = img.size
+        except Exception:  # any unreadable header: decoding it gives the reason later
+            size = None
+        f.seek(0)
+    upload.pixels = size[0] * size[1] if size else None
+
+
+def _decode(clf: Classifier, upload: _Upload) -> np.ndarray | ImageError:
+    """Read one upload, decode and letterbox it, and drop its bytes and spooled file (runs in a thread)."""
+    try:
+        upload.file.seek(0)
+        data = upload.file.read()
+    except OSError as e:
+        return ImageError(f"{upload.name}: cannot read the upload ({e})", code="file_unreadable")
+    finally:
+        upload.file.close()  # the temporary file (or its RAM copy) goes now, not at the end of the request
+    try:
+        return clf.prepare(data, name=upload.name)
+    except ImageError as e:
+        return e
+
+
+def _admit_pixels(uploads: list[_Upload], cfg: ServeConfig) -> list[_Upload]:
+    """Refuse oversized files and the files that do not fit in the request's pixel budget; the rest, in order."""
+    left = cfg.max_request_pixels
+    todo = []
+    for u in uploads:
+        if u.nbytes > cfg.max_upload_bytes:
+            u.fail(413, "file_too_large", f"{u.name}: larger than the {cfg.max_upload_bytes / 1e6:g} MB limit")
+        elif u.pixels is not None and u.pixels <= MAX_PIXELS and u.pixels > left:
+            u.fail(
+                413,
+                "request_too_many_pixels",
+                f"{u.name}: with it this request's images would hold more than {cfg.max_request_pixels / 1e6:g} "
+                f"megapixels in all (the limit per request; {u.pixels / 1e6:.1f} MP in this file, "
+                f"{left / 1e6:.1f} MP left); send it in another request",
+            )
+        else:
+            left -= u.pixels if u.pixels is not None and u.pixels <= MAX_PIXELS else 0  # over MAX_PIXELS: refused
+            todo.append(u)
+    return todo
+
+
+async def _decode_all(state: ServiceState, uploads: list[_Upload]) -> None:
+    """Decode the uploads in the shared decoding threads, ``decode_window`` at a time, within the time budget."""
+    cfg = state.config
+    clf = state.classifier
+    loop = asyncio.get_running_loop()
+    assert clf is not None and state.decode_pool is not None
+    start = time.monotonic()
+
+    async def one(u: _Upload) -> None:
+        state.decodes_in_progress += 1
+        try:
+            out = await loop.run_in_executor(state.decode_pool, _decode, clf, u)
+        finally:
+            state.decodes_in_progress -= 1
+        if isinstance(out, ImageError):
+            u.fail(out.status, out.code, out.message)
+        else:
+            u.prepared = out
+
+    running: collections.deque[asyncio.Task] = collections.deque()
+    try:
+        for u in uploads:
+            while len(running) >= cfg.decode_window:
+                await running.popleft()
+            if time.monotonic() - start > cfg.decode_timeout_s:
+                u.file.close()
+                u.fail(
+                    503,
+                    "decode_timeout",
+                    f"{u.name}: not decoded: this request used up its {cfg.decode_timeout_s:g} s decoding time "
+                    "(the server is busy, or the images are large); send it again or in a smaller request",
+                )
+                continue
+            running.append(asyncio.ensure_future(one(u)))
+        while running:
+            await running.popleft()
+    finally:
+        for task in running:  # only on an error above: stop waiting (a decode running in a thread ends there)
+            task.cancel()
+
+
+async def _classify(state: ServiceState, uploads: list[_Upload]) -> dict[int, float]:
+    """P(Parasitized) of the decoded uploads, by index, in batches that each hold a model slot."""
+    clf, slots, pool = state.classifier, state.slots, state.model_pool
+    assert clf is not None and slots is not None and pool is not None
+    loop = asyncio.get_running_loop()
+    ready = [i for i, u in enumerate(uploads) if u.prepared is not None]
+    probs: dict[int, float] = {}
+    step = state.config.model_batch
+    for a in range(0, len(ready), step):
+        idx = ready[a : a + step]
+        batch = np.stack([uploads[i].prepared for i in idx])
+        async with slots.hold():
+            out = await loop.run_in_executor(pool, clf.predict_prepared, batch)
+        probs.update(zip(idx, (float(p) for p in out), strict=True))
+    return probs
+
+
+def _heatmap(clf: Classifier, prepared: np.ndarray, name: str) -> str | None:
     from malaria_cells.explain import explain, overlay_png  # torch models only; keeps the ONNX service torch-free
 
     try:
-        png = overlay_png(explain(clf, data or b"", name=name))
+        png = overlay_png(explain(clf, prepared, name=name))  # letterboxing a letterboxed image changes nothing
     except (ImageError, ModelError):
         return None
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+# --------------------------------------------------------------------------------------------- routes
+
+
+async def index() -> FileResponse:
+    """The page."""
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+async def docs() -> FileResponse:
+    """The local API documentation page (renders /openapi.json)."""
+    return FileResponse(STATIC / "docs.html", media_type="text/html")
+
+
+async def health(state: State) -> HealthResponse:
+    """Liveness, readiness and load: requests in flight, model slots and queue, decoding threads."""
+    return state.health()
+
+
+async def model_info(state: State) -> ModelInfo:
+    """The model card and this service's limits."""
+    clf = state.classifier
+    if clf is None:
+        raise ServiceHTTPError(
+            503, "loading", "the model is still loading; retry in a moment", headers={"Retry-After": "1"}
+        )
+    card = {**clf.card, "source": Path(clf.source).name}  # the file name, not the server's directory layout
+    return ModelInfo(**card, limits=state.limits())
+
+
+async def predict(
+    state: State,
+    files: Annotated[list[UploadFile], File(description="Cell images (PNG, JPEG, WebP, ...), one part per file.")],
+    heatmap: Annotated[bool, Query(description="Add Grad-CAM overlays (torch models only).")] = False,
+) -> JSONResponse:
+    """Classify the uploaded images; every file gets a result, in order."""
+    cfg, clf = state.config, state.classifier
+    if clf is None or state.slots is None:
+        return _error(503, "loading", "the model is still loading; retry in a moment", headers={"Retry-After": "1"})
+    if len(files) > cfg.max_files:
+        return _error(400, "too_many_files", f"{len(files)} files; at most {cfg.max_files} per request")
+    uploads = [_Upload(name=f.filename or f"file {i + 1}", file=f.file) for i, f in enumerate(files)]
+    await run_in_threadpool(lambda: [_inspect(u) for u in uploads])  # headers only: fast, but file I/O
+    await _decode_all(state, _admit_pixels(uploads, cfg))
+    probs = await _classify(state, uploads)
+    results: list[FileSuccess | FileFailure] = []
+    for i, u in enumerate(uploads):
+        if i in probs:
+            p = probs[i]
+            results.append(FileSuccess(filename=u.name, label=clf.label_of(p), probability=p, threshold=clf.threshold))
+        else:
+            assert u.failure is not None
+            results.append(u.failure)
+    if heatmap and clf.explainable:
+        loop = asyncio.get_running_loop()
+        for i, r in enumerate(results):
+            if isinstance(r, FileSuccess):
+                async with state.slots.hold():
+                    r.heatmap = await loop.run_in_executor(
+                        state.model_pool, _heatmap, clf, uploads[i].prepared, uploads[i].name
+                    )
+    failed = [r for r in results if isinstance(r, FileFailure)]
+    body = PredictResponse(
+        results=results,
+        model=ModelSummary(name=clf.card.get("model"), backend=clf.backend, threshold=clf.threshold),
+        error=ErrorInfo(
+            code=failed[0].error.code,
+            message=f"{len(failed)} of {len(results)} file(s) could not be classified; first: "
+            f"{failed[0].error.message}",
+        )
+        if failed
+        else None,
+    )
+    payload = body.model_dump(mode="json")
+    if body.error is None:
+        del payload["error"]
+    status = failed[0].status if failed else 200
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse(payload, status_code=status, headers=headers)
+
+
+def _predict_description(cfg: ServeConfig) -> str:
+    return (
+        "Multipart form with one or more parts named `files`. Returns one entry per file, in order. Status 200 "
+        "when every file was classified, otherwise the status of the first failure (the body still lists every "
+        "file). `heatmap=true` adds a Grad-CAM overlay (PNG data URL) for torch models.\n\n"
+        f"Limits: at most {cfg.max_files} files per request, {cfg.max_upload_bytes / 1e6:g} MB per file, "
+        f"{cfg.max_request_bytes / 1e6:.1f} MB per request body, {MAX_PIXELS / 1e6:g} megapixels per image and "
+        f"{cfg.max_request_pixels / 1e6:g} megapixels per request (decoded; files beyond get 413 "
+        f"`request_too_many_pixels`), {cfg.decode_timeout_s:g} s of decoding per request and {cfg.body_timeout_s:g} "
+        f"s to send the body (408). At most {cfg.max_requests} requests and {cfg.max_inflight_bytes / 1e6:.0f} MB "
+        "of uploads are admitted at once; beyond, 503 `server_busy` with Retry-After."
+    )
+
+
+def api_router(cfg: ServeConfig) -> APIRouter:
+    """The JSON API's routes, with this configuration's limits in their descriptions.
+
+    Args:
+        cfg: the service configuration.
+
+    Returns:
+        The router (prefix /api/v1).
+    """
+    router = APIRouter(prefix=API)
+    router.add_api_route(
+        "/health",
+        health,
+        methods=["GET"],
+        response_model=HealthResponse,
+        summary="Liveness, whether the model is loaded, and the load (requests in flight, queue, busy slots)",
+    )
+    router.add_api_route(
+        "/model",
+        model_info,
+        methods=["GET"],
+        response_model=ModelInfo,
+        summary="The model card: name, classes, threshold, preprocessing, provenance, and the service's limits",
+        responses={503: {"model": ErrorResponse, "description": "the model is still loading"}},
+    )
+    failure = {"model": PredictResponse}
+    router.add_api_route(
+        "/predict",
+        predict,
+        methods=["POST"],
+        response_model=PredictResponse,
+        summary="Classify one or many cell images",
+        description=_predict_description(cfg),
+        responses={
+            400: {"model": ErrorResponse, "description": "no files, a part that is not a file, too many files"},
+            408: {"model": ErrorResponse, "description": "the body was not received in time"},
+            413: {
+                **failure,
+                "description": "a file (file_too_large, too_many_pixels, request_too_many_pixels) or the request "
+                "body (request_too_large: then an ErrorResponse) is too large",
+            },
+            415: {**failure, "description": "a file is not an image (not_an_image)"},
+            422: {
+                **failure,
+                "description": "an image is unusable (empty_file, unreadable_image, image_too_small, unusable_image)",
+            },
+            503: {
+                "model": ErrorResponse,
+                "description": "server busy (server_busy, with Retry-After), or decoding ran out of time "
+                "(decode_timeout: then a PredictResponse)",
+            },
+        },
+    )
+    return router
+
+
+# --------------------------------------------------------------------------------------------- app and server
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state = service_state(app)
+    await state.start()
+    try:
+        yield
+    finally:
+        state.stop()
+
+
+def create_app(
+    *,
+    model: str | Path | None = None,
+    classifier: Classifier | None = None,
+    host: str = "127.0.0.1",
+    config: ServeConfig | None = None,
+    **options: Any,
+) -> FastAPI:
+    """Build the app; the model is loaded once, at start-up (lifespan), unless a classifier is given.
+
+    Args:
+        model: an ``.onnx`` file or a run folder (``None``: ``$MALARIA_CELLS_MODEL`` or the shipped default).
+        classifier: an already loaded classifier (tests); wins over ``model``.
+        host: the interface the server binds; its name is served besides localhost (see ``allowed_hosts``).
+        config: the limits; or give them as keyword arguments (``max_upload_mb=1``, ...; see :class:`ServeConfig`).
+        **options: :class:`ServeConfig` fields, when ``config`` is not given.
+
+    Returns:
+        The FastAPI application.
+
+    Raises:
+        ConfigError: a limit out of range (or both ``config`` and options).
+    """
+    if config is not None and options:
+        raise ConfigError("give create_app either config= or limits as keyword arguments, not both")
+    cfg = config or ServeConfig(**options)
+    state = ServiceState(config=cfg, hosts=cfg.served_hosts(host), model=model, classifier=classifier)
+    app = FastAPI(
+        title="malaria-cells",
+        version=__version__,
+        summary="Classify thin-smear red blood cell images as Parasitized or Uninfected.",
+        description="Research and education use only; not a medical device and not for diagnosis.\n\n"
+        f"Limits: {cfg.max_files} files per request, {cfg.max_upload_bytes / 1e6:g} MB per file, "
+        f"{MAX_PIXELS / 1e6:g} MP per image, {cfg.max_request_pixels / 1e6:g} MP per request; "
+        f"{cfg.max_requests} requests at once. Served host names: {', '.join(state.hosts)}.",
+        lifespan=_lifespan,
+        docs_url=None,  # FastAPI's pages load Swagger UI / ReDoc from a CDN; /docs below is local
+        redoc_url=None,
+    )
+    app.state.service = state
+    app.include_router(api_router(cfg))
+    app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(HTTPException, _on_http_error)
+    app.add_exception_handler(MalariaCellsError, _on_package_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+    # Added innermost first: a request meets SecurityHeaders, then HostCheck, BodyGuard, Admission.
+    app.add_middleware(Admission, state=state)
+    app.add_middleware(BodyGuard, max_bytes=cfg.max_request_bytes, timeout_s=cfg.body_timeout_s)
+    app.add_middleware(HostCheck, allowed=state.hosts)
+    app.add_middleware(SecurityHeaders)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _protocol_with_header_timeout(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol, closing a connection whose request line and headers take over ``seconds``.
+
+    uvicorn times out idle keep-alive connections only: a client that sends a header byte now and then holds a
+    connection forever (slowloris). The timer starts when the connection opens, or with the first byte of the next
+    request on a kept-alive connection, and stops when the headers are complete.
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE:
+                self._arm()
+            else:
+                self._disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._header_timer is None and not self.transport.is_closing():
+                self._header_timer = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expired(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                log.info("closed a connection whose request headers took over %g s", seconds)
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
+def uvicorn_config(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> Any:
+    """uvicorn's settings for an app from :func:`create_app`: its timeouts and header-size limit.
+
+    Args:
+        app: the application.
+        host: interface.
+        port: TCP port.
+        log_level: uvicorn's log level.
+
+    Returns:
+        A ``uvicorn.Config``.
+    """
+    import uvicorn
+
+    cfg = service_state(app).config
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=_protocol_with_header_timeout(cfg.header_timeout_s),
+        timeout_keep_alive=cfg.keep_alive_s,  # type: ignore[arg-type]  # a float works: it goes to call_later
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        server_header=False,
+    )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``:``port`` (port 0: a free one), made before the model loads.
+
+    Args:
+        host: interface (IPv4 or IPv6 address or name).
+        port: TCP port, 0 for any free one.
+
+    Returns:
+        The bound socket.
+
+    Raises:
+        ServeUnavailableError: the port is in use or the address is not this machine's (exit code 4).
+    """
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise ServeUnavailableError(f"cannot listen on {host}:{port} ({e.strerror or e})", code="bind_failed") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        reason = (
+            "the port is in use; pick another with --port" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        )
+        raise ServeUnavailableError(f"cannot listen on {host}:{port}: {reason}", code="bind_failed") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def serve(
@@ -337,10 +1233,8 @@ def serve(
     model: str | Path | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
-    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-    max_files: int = DEFAULT_MAX_FILES,
-    threads: int | None = None,
-    workers: int = DEFAULT_WORKERS,
+    config: ServeConfig | None = None,
+    **options: Any,
 ) -> None:
     """Load the model and serve until interrupted.
 
@@ -348,14 +1242,30 @@ def serve(
         model: an ``.onnx`` file or run folder (``None``: ``$MALARIA_CELLS_MODEL`` or the shipped default).
         host: interface to bind (127.0.0.1: this machine only).
         port: TCP port.
-        max_upload_mb: largest accepted file in MB.
-        max_files: most files per request.
-        threads: intra-op threads of the model (default: cores // workers).
-        workers: requests classified at once.
+        config: the limits; or give them as keyword arguments (see :class:`ServeConfig`).
+        **options: :class:`ServeConfig` fields, when ``config`` is not given.
+
+    Raises:
+        ConfigError: a limit or the port out of range (exit code 2), before anything is loaded.
+        ModelError: no usable model (exit code 2).
+        ServeUnavailableError: the port cannot be bound (exit code 4).
     """
     import uvicorn
 
+    check_port(port)
+    cfg = config or ServeConfig(**options)
     resolve_model(model)  # a missing model is a clear error here, not a traceback from the start-up hook
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    app = create_app(model=model, max_upload_mb=max_upload_mb, max_files=max_files, threads=threads, workers=workers)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    sock = bind_socket(host, port)  # a port in use is a clear error here, before the model loads
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    app = create_app(model=model, host=host, config=cfg)
+    if host.strip("[]") in WILDCARD_BINDS and not cfg.allowed_hosts:
+        log.warning(
+            "listening on all interfaces, but only requests naming %s are served; add --allowed-host NAME for each "
+            "name or address clients use",
+            ", ".join(LOCAL_HOSTS),
+        )
+    try:
+        uvicorn.Server(uvicorn_config(app, host=host, port=port)).run(sockets=[sock])
+    finally:
+        sock.close()

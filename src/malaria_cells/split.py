@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from malaria_cells.data import CellImage, patient_sort_key
+from malaria_cells.errors import ConfigError, MalariaCellsError
 from malaria_cells.io import atomic_write_text
 
 SPLITS = ("train", "val", "test")
@@ -22,8 +23,11 @@ PATIENT = "patient"
 LEAKY = "image-leaky"
 
 
-class LeakageError(RuntimeError):
+class LeakageError(MalariaCellsError, RuntimeError):
     """A patient's cells sit in more than one split of a split that claims to be by patient."""
+
+    code = "split_leaks"
+    status = 422
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,12 @@ def make_split(
 
     Returns:
         The split, already checked for leakage.
+
+    Raises:
+        ConfigError: a fraction out of range or an unknown kind (a ``ValueError`` too).
     """
     if not (0 <= val_fraction < 0.5 and 0 < test_fraction < 0.5):
-        raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in [0, 0.5)")
+        raise ConfigError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in [0, 0.5)")
     rng = random.Random(seed)
     assignment: dict[str, str] = {}
     if kind == LEAKY:
@@ -84,7 +91,7 @@ def make_split(
         for group in ([p for p in patients if p in infected], [p for p in patients if p not in infected]):
             _deal(rng, [(p, len(cells[p]), cells[p]) for p in group], val_fraction, test_fraction, assignment)
     else:
-        raise ValueError(f"unknown split kind {kind!r}; use 'patient' or '{LEAKY}'")
+        raise ConfigError(f"unknown split kind {kind!r}; use 'patient' or '{LEAKY}'")
     split = Split(kind=kind, assignment=assignment, seed=seed)
     check_split(split, images)
     return split

@@ -1,8 +1,9 @@
 """Training: one run folder per run, resumable after a kill, with early stopping and a threshold chosen on val.
 
-A run folder holds ``config.yaml`` (resolved), ``split.csv``, ``metrics.jsonl`` (one line per epoch),
-``metadata.json`` (model, preprocessing, classes, threshold, versions, data hash), ``best.safetensors``,
-``last.safetensors`` and ``state.pt`` (optimizer, schedule, epoch, RNG: what ``--resume`` needs).
+The run folder is a :class:`~malaria_cells.run.Run` (see run.py for its files); this module only trains into it.
+:func:`train` is the entry point; its parts are :func:`open_run` (a new or resumed folder), :func:`make_optimizer`,
+:func:`train_one_epoch`, :func:`validate`, :class:`EarlyStopping`, a checkpoint per epoch (weights, a
+safetensors resume state, the history) and :func:`finalize` (threshold on validation, ``metadata.json``).
 
 Strategies share one epoch loop and differ only in a :class:`Plan` (trainable parameters, what a batch is, how
 validation is scored): ``scratch`` trains every layer from random initialisation; ``frozen`` trains only the
@@ -22,11 +23,10 @@ rank 0 writes the run folder, validates and decides when to stop.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import datetime as dt
-import json
+import logging
 import math
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -36,19 +36,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
-from malaria_cells import distributed
+from malaria_cells import distributed, progress
 from malaria_cells import metrics as M
 from malaria_cells.augment import (
-    MAX_VIEWS,
     augment,  # re-exported: the scratch path's augmentation
 )
 from malaria_cells.cache import build_or_load, cache_key, default_cache_dir
-from malaria_cells.config import TrainConfig, load_config, save_config
+from malaria_cells.config import STRATEGY_DEFAULTS, TrainConfig
 from malaria_cells.data import CLASSES, POSITIVE, CellImage, Scan, scan
-from malaria_cells.io import atomic_write, atomic_write_json, atomic_write_text, jsonl_text, read_jsonl
+from malaria_cells.errors import ConfigError, RunError
 from malaria_cells.models import (
     autocast,
     build_model,
@@ -63,8 +63,8 @@ from malaria_cells.models import (
     to_input,
 )
 from malaria_cells.preprocess import Preprocessing
-from malaria_cells.progress import console, make_progress
-from malaria_cells.split import Split, describe, load_split, make_split, save_split
+from malaria_cells.run import Run, RunMeta, TrainState
+from malaria_cells.split import Split, describe, make_split, save_split
 from malaria_cells.transfer import (
     MAX_ACTIVATION_BYTES,
     FeatureStore,
@@ -81,6 +81,7 @@ from malaria_cells.transfer import (
 )
 from malaria_cells.weights import load_pretrained, weights_preprocessing
 
+log = logging.getLogger(__name__)
 PACKAGES = ("malaria-cells", "torch", "timm", "numpy", "pillow", "scikit-learn", "onnxruntime")
 
 
@@ -109,14 +110,6 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-# A frozen backbone leaves only the head to train, on cached features (seconds per epoch): it gets more
-# epochs and a higher peak lr than the registry's defaults. Measured on validation patients of the --quick subset
-# (Lite0, 2000 cells): lr 1e-3 x 10 epochs reached val AUC 0.956 and was still improving; 3e-3 x 40 reached 0.971
-# (best epoch 13; early stopping ends such runs); 1e-2 and 3e-2 were no better. Fine-tuning (3 epochs from that
-# head, backbone lr x0.1) reached val AUC 0.972 at lr 1e-3 and 0.980 at 3e-3.
-STRATEGY_DEFAULTS: dict[str, dict[str, float | int]] = {"frozen": {"epochs": 40, "lr": 3e-3}, "finetune": {"lr": 3e-3}}
-
-
 def resolve_model_defaults(config: TrainConfig) -> TrainConfig:
     """Fill every ``None`` that means "the model's default" from the registry (and :data:`STRATEGY_DEFAULTS`).
 
@@ -126,19 +119,23 @@ def resolve_model_defaults(config: TrainConfig) -> TrainConfig:
     Returns:
         A new config with model, strategy, weights, input size, epochs and lr resolved.
     """
-    spec = get_spec(config.model)
+    try:
+        spec = get_spec(config.model)
+    except ValueError as e:
+        raise ConfigError(str(e), code="config_unknown_model") from None
     strategy = config.strategy or spec.strategy
     if strategy not in spec.strategies:
-        raise ValueError(f"model {config.model} supports strategies {', '.join(spec.strategies)}, not {strategy!r}")
+        raise ConfigError(f"model {config.model} supports strategies {', '.join(spec.strategies)}, not {strategy!r}")
     weights = config.weights or (spec.weights if strategy != "scratch" else "none")
     defaults = {"epochs": spec.epochs, "lr": spec.lr, **STRATEGY_DEFAULTS.get(strategy, {})}
     head_hidden = config.head_hidden
-    init_meta = Path(config.init_from or "") / "metadata.json"
-    if head_hidden is None and strategy == "finetune" and config.init_from and init_meta.exists():
-        head_hidden = run_head_hidden(json.loads(init_meta.read_text()))  # a run started from another has its head
-    head_hidden = head_width(config.model, head_hidden)
-    return dataclasses.replace(
-        config,
+    if head_hidden is None and strategy == "finetune" and config.init_from and Run(config.init_from).finished:
+        head_hidden = Run.open(config.init_from).meta.head_width  # a run started from another has its head
+    try:
+        head_hidden = head_width(config.model, head_hidden)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return config.replace(
         strategy=strategy,
         weights=weights,
         input_size=config.input_size or spec.input_size,
@@ -200,9 +197,9 @@ def prepare_data(
     """
     found = scan(data_dir)
     for path, reason in found.problems[:10]:
-        console.print(f"[yellow]skipped[/] {path}: {reason}")
+        log.warning("skipped %s: %s", path, reason)
     if len(found.problems) > 10:
-        console.print(f"[yellow]... {len(found.problems) - 10} more files skipped (see `malaria-cells data check`)")
+        log.warning("... %d more files skipped (see `malaria-cells data check`)", len(found.problems) - 10)
     if split is None:
         images = subsample(found.images, max_images, seed)
         split = make_split(images, kind=kind, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
@@ -210,7 +207,7 @@ def prepare_data(
         images = [im for im in found.images if im.rel in split.assignment]
         missing = len(split.assignment) - len(images)
         if missing:
-            console.print(f"[yellow]{missing} image(s) of the split are not in {data_dir}; continuing without them")
+            log.warning("%d image(s) of the split are not in %s; continuing without them", missing, data_dir)
     cache = build_or_load(images=images, size=input_size, root=found.root, cache_dir=cache_dir)
     labels = np.array([im.label for im in images], dtype=np.int64)
     idx = {
@@ -226,38 +223,6 @@ def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, floor: float = 
         return (step + 1) / warmup_steps
     t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def save_weights(model: nn.Module, path: Path) -> None:
-    """Save a model's state dict as safetensors, atomically."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
-
-
-def load_run_model(run_dir: Path, *, which: str = "best", device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a run's model with its trained weights.
-
-    Args:
-        run_dir: the run folder.
-        which: "best" or "last".
-        device: where to put it (evaluation and prediction pass :func:`default_device`: CUDA when present; export
-            keeps the CPU default).
-
-    Returns:
-        (model in eval mode, metadata dict).
-    """
-    run_dir = Path(run_dir)
-    meta = json.loads((run_dir / "metadata.json").read_text())
-    model = build_model(meta["model"], head_hidden=run_head_hidden(meta))
-    model.load_state_dict(load_file(str(run_dir / f"{which}.safetensors")))
-    model.to(device).eval()
-    return model, meta
-
-
-def run_head_hidden(meta: dict) -> int | None:
-    """A run's head width from its metadata.json: None for a fixed-head model; 0 (linear) for timm runs made
-    before the head option existed."""
-    return meta.get("head_hidden", 0) if meta.get("timm_arch") else None
 
 
 def _bce(logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -301,42 +266,42 @@ def load_initial_model(config: TrainConfig) -> tuple[nn.Module, Preprocessing, d
     model = build_model(config.model, head_hidden=config.head_hidden)
     if config.strategy == "scratch":
         if config.weights not in (None, "none"):
-            raise ValueError(
+            raise ConfigError(
                 "strategy scratch trains every layer from random initialisation; pass --weights none, or use "
                 "--strategy frozen/finetune to start from pretrained weights"
             )
         return model, Preprocessing(input_size=config.input_size, mean=spec.mean, std=spec.std), {"source": "none"}
     if spec.timm_arch is None:
-        raise ValueError(f"{config.model} has no pretrained backbone; it trains with --strategy scratch only")
+        raise ConfigError(f"{config.model} has no pretrained backbone; it trains with --strategy scratch only")
     if config.strategy == "finetune" and config.init_from:
-        init = Path(config.init_from)
-        if not (init / "metadata.json").exists():
-            raise ValueError(f"init_from {init} is not a finished run folder (no metadata.json)")
-        meta = json.loads((init / "metadata.json").read_text())
-        if meta["model"] != config.model:
-            raise ValueError(f"init_from {init} holds a {meta['model']} model, not {config.model}")
-        if meta.get("weights") in (None, "none"):
-            raise ValueError(f"init_from {init} was trained from random weights; fine-tuning needs a pretrained start")
-        if meta["preprocessing"]["input_size"] != config.input_size:
-            raise ValueError(
-                f"init_from {init} was trained at {meta['preprocessing']['input_size']} px; pass --input-size "
-                f"{meta['preprocessing']['input_size']}"
+        init = Run.open(config.init_from)
+        meta = init.meta
+        if meta.model != config.model:
+            raise ConfigError(f"init_from {init.path} holds a {meta.model} model, not {config.model}")
+        if meta.weights in (None, "none"):
+            raise ConfigError(
+                f"init_from {init.path} was trained from random weights; fine-tuning needs a pretrained start"
             )
-        if run_head_hidden(meta) != config.head_hidden:
-            raise ValueError(
-                f"init_from {init} has a head with {run_head_hidden(meta)} hidden units; pass --head-hidden "
-                f"{run_head_hidden(meta)}"
+        if meta.prep.input_size != config.input_size:
+            raise ConfigError(
+                f"init_from {init.path} was trained at {meta.prep.input_size} px; pass --input-size "
+                f"{meta.prep.input_size}"
             )
-        model.load_state_dict(load_file(str(init / "best.safetensors")))
-        info = {**meta.get("weights_info", {}), "init_from": str(init), "init_from_strategy": meta.get("strategy")}
-        return model, Preprocessing.from_dict(meta["preprocessing"]), info
+        if meta.head_width != config.head_hidden:
+            raise ConfigError(
+                f"init_from {init.path} has a head with {meta.head_width} hidden units; pass --head-hidden "
+                f"{meta.head_width}"
+            )
+        model.load_state_dict(init.load_model().state_dict())
+        info = {**meta.weights_info, "init_from": str(init.path), "init_from_strategy": meta.strategy}
+        return model, meta.prep, info
     if config.weights in (None, "none"):
-        raise ValueError(
+        raise ConfigError(
             f"strategy {config.strategy} needs pretrained weights (--weights imagenet or --weights FILE); "
             "to train from random weights use --strategy scratch"
         )
     if config.strategy == "finetune":
-        console.print("[yellow]finetune without init_from: the head starts untrained (a frozen run's head is better)")
+        log.warning("finetune without init_from: the head starts untrained (a frozen run's head is better)")
     info = load_pretrained(model.backbone, name=config.model, source=config.weights)
     # The normalisation the weights were trained with ([-1, 1] for both backbones), not the registry's guess.
     pre = weights_preprocessing(config.model)
@@ -349,8 +314,6 @@ def _views(config: TrainConfig) -> int:
     # more views (val AUC 0.971 / 0.970 / 0.971 for 1 / 2 / 4) but fine-tuning on the cached activations does
     # a little (3 epochs: val AUC 0.979 / loss 0.229 with 1 view, train loss 0.03 = memorising; 0.981 / 0.204
     # with 2), and each view costs one backbone pass per training cell.
-    if not 1 <= config.feature_views <= MAX_VIEWS:
-        raise ValueError(f"feature_views must be 1-{MAX_VIEWS}, not {config.feature_views}")
     return config.feature_views if config.augment else 1
 
 
@@ -519,7 +482,7 @@ def finetune_plan(
     backbone = model.backbone
     groups = stage_groups(backbone)
     if config.unfreeze_stages < 1:
-        raise ValueError("finetune needs unfreeze_stages >= 1 (0 trains the head only: use --strategy frozen)")
+        raise ConfigError("finetune needs unfreeze_stages >= 1 (0 trains the head only: use --strategy frozen)")
     cut = cut_index(backbone, config.unfreeze_stages)
     frozen, upper = groups[:cut], groups[cut:]
     freeze(frozen)
@@ -559,7 +522,7 @@ def finetune_plan(
     else:
         store = None
         mode = "online (frozen part recomputed each step; random augmentation)"
-    console.print(f"fine-tuning {config.unfreeze_stages} top stage(s) of {config.model}: {mode}")
+    log.info("fine-tuning %d top stage(s) of %s: %s", config.unfreeze_stages, config.model, mode)
 
     def upper_features(a: torch.Tensor) -> torch.Tensor:
         return backbone.forward_head(run_groups(upper, a))
@@ -623,7 +586,183 @@ def finetune_plan(
 PLANS: dict[str, Callable[..., Plan]] = {"scratch": scratch_plan, "frozen": frozen_plan, "finetune": finetune_plan}
 
 
-def train(*, config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = False) -> Path:
+@dataclass
+class EarlyStopping:
+    """Tracks the best validation score and the epochs since it improved."""
+
+    patience: int  # epochs without improvement before stopping
+    best_score: float = -math.inf
+    best_epoch: int = -1  # zero-based; -1 before any epoch
+    bad_epochs: int = 0
+
+    def step(self, score: float, epoch: int) -> bool:
+        """Record an epoch's score.
+
+        Args:
+            score: higher is better.
+            epoch: zero-based epoch index.
+
+        Returns:
+            Whether the score improved on the best so far.
+        """
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether ``patience`` epochs passed without improvement."""
+        return self.bad_epochs >= self.patience
+
+
+def open_run(*, config: TrainConfig | None, run_dir: Path, resume: bool) -> tuple[Run, TrainConfig, Split | None]:
+    """The run folder to train into, its resolved config and the split to reuse (None: make one).
+
+    Args:
+        config: the config (ignored when resuming: the folder's own config is used).
+        run_dir: the run folder.
+        resume: continue the run in ``run_dir``.
+
+    Returns:
+        (run, resolved config, split or None).
+
+    Raises:
+        RunError: resuming a folder without a run, or a fresh run into a folder that holds one.
+        ConfigError: the config's model, strategy or weights do not go together.
+    """
+    run = Run(run_dir)
+    if resume:
+        if not run.config_path.exists():
+            raise RunError(f"{run.path}: no config.yaml; nothing to resume", code="run_not_found")
+        return run, run.config(), run.split()
+    if run.started:
+        raise FileExistsError(f"{run.path} already holds a run; pass --resume to continue it or pick another --out")
+    if config is None:
+        raise ConfigError("a new run needs a config")
+    config = resolve_model_defaults(config)
+    split = None
+    if config.strategy == "finetune" and config.init_from:
+        # The head was trained on the init run's patients: keep its split, or its training patients could
+        # land in this run's test set.
+        split = Run.open(config.init_from).split()
+    return run, config, split
+
+
+def make_optimizer(
+    plan: Plan, config: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the plan's parameter groups with linear warm-up and cosine decay, stepped per batch.
+
+    Args:
+        plan: the strategy's plan (its parameter groups carry their peak lr).
+        config: the resolved config.
+        steps_per_epoch: optimizer steps in one epoch.
+
+    Returns:
+        (optimizer, scheduler).
+    """
+    optimizer = torch.optim.AdamW(plan.param_groups, lr=config.lr, weight_decay=config.weight_decay)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, warmup_steps=warmup, total_steps=total_steps)
+    )
+    return optimizer, scheduler
+
+
+def train_one_epoch(
+    *,
+    plan: Plan,
+    data: Prepared,
+    config: TrainConfig,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    precision: str,
+    world: int,
+) -> tuple[float, float]:
+    """One pass over the training cells in seeded random order.
+
+    Every rank draws the same permutation (same seed) and builds the same global batches, augmentation included, so
+    the augmentation generator stays in step with a single process's; rank r trains on its contiguous share.
+
+    Args:
+        plan: the strategy's plan.
+        data: the prepared data.
+        config: the resolved config.
+        epoch: zero-based epoch (seeds dropout, order and augmentation, so a resumed run draws the same).
+        optimizer: the optimizer.
+        scheduler: stepped once per batch.
+        forward: the plan's forward, or DDP around the model with several ranks.
+        device: where batches go.
+        precision: "bf16" or "fp32".
+        world: number of ranks.
+
+    Returns:
+        (mean loss over this epoch's batches, averaged over ranks; seconds of training).
+    """
+    steps = max(1, len(data.train_idx) // config.batch_size)
+    per_rank = config.batch_size // world
+    share = slice(distributed.rank() * per_rank, (distributed.rank() + 1) * per_rank)
+    torch.manual_seed(config.seed * 1000 + epoch)  # dropout
+    gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    # Not a DistributedSampler: its own shuffle and padding would give other batches than one process.
+    order = np.random.default_rng(config.seed * 1000 + epoch).permutation(data.train_idx)
+    plan.train_mode()
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    with progress.task(f"epoch {epoch + 1}", total=steps, transient=True) as step_task:
+        for s in range(steps):
+            idx = np.sort(order[s * config.batch_size : (s + 1) * config.batch_size])
+            x = plan.batch(idx, gen)
+            if world > 1:
+                x, idx = x[share], idx[share]
+            yb = torch.from_numpy(data.labels[idx]).float().to(device)
+            with autocast(precision, device):
+                logits = forward(x)
+            loss = _bce(logits, yb, config.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            if s % 10 == 0 or s == steps - 1:
+                step_task.update(completed=s + 1, status=f"loss {np.mean(losses[-50:]):.4f}")
+    # Equal shares: the mean over ranks of each rank's mean loss is the global batches' mean loss.
+    return distributed.all_reduce_mean(float(np.mean(losses))), time.perf_counter() - t0
+
+
+def validate(plan: Plan, data: Prepared) -> tuple[dict[str, float], float]:
+    """Score the validation patients' cells at threshold 0.5.
+
+    Args:
+        plan: the strategy's plan (its ``val_logits``).
+        data: the prepared data.
+
+    Returns:
+        (row fields: val loss, ROC-AUC, accuracy, sensitivity, specificity; early-stopping score: AUC first, val
+        loss breaking near-ties).
+    """
+    val_logits = plan.val_logits() if plan.val_logits is not None else None
+    if val_logits is None:
+        return {}, -math.inf
+    yv = data.labels[np.sort(data.val_idx)]
+    vm = M.binary_metrics(yv, sigmoid(val_logits), 0.5)
+    row = {
+        "val_loss": float(_bce(torch.from_numpy(val_logits), torch.from_numpy(yv).float(), 0.0)),
+        "val_roc_auc": vm["roc_auc"],
+        "val_accuracy": vm["accuracy"],
+        "val_sensitivity": vm["sensitivity"],
+        "val_specificity": vm["specificity"],
+    }
+    return row, vm["roc_auc"] - 1e-3 * row["val_loss"]
+
+
+def train(*, config: TrainConfig | None, data_dir: Path, run_dir: Path, resume: bool = False) -> Path:
     """Train a model and write a complete run folder.
 
     Args:
@@ -641,41 +780,35 @@ def train(*, config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = 
 
     Raises:
         WeightsUnavailable: pretrained weights cannot be had; nothing is written.
-        ValueError: with several ranks, a strategy other than scratch or a batch size not divisible by them.
+        ConfigError: an invalid config, or with several ranks a strategy other than scratch or a batch size not
+            divisible by them.
+        RunError: a broken run folder to resume (a state file that is not ours is refused, never executed).
     """
-    run_dir = Path(run_dir)
-    state_path = run_dir / "state.pt"
-    if resume:
-        if not (run_dir / "config.yaml").exists():
-            raise FileNotFoundError(f"{run_dir}: no config.yaml; nothing to resume")
-        config = load_config(run_dir / "config.yaml")
-        split = load_split(run_dir / "split.csv")
-    else:
-        if (run_dir / "state.pt").exists() or (run_dir / "metadata.json").exists():
-            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or pick another --out")
-        config = resolve_model_defaults(config)
-        split = None
-        if config.strategy == "finetune" and config.init_from:
-            # The head was trained on the init run's patients: keep its split, or its training patients could
-            # land in this run's test set.
-            split = load_split(Path(config.init_from) / "split.csv")
-    if config.strategy not in PLANS:
-        raise ValueError(f"unknown strategy {config.strategy!r}; known: {', '.join(PLANS)}")
+    run, config, split = open_run(config=config, run_dir=Path(run_dir), resume=resume)
     world = distributed.world_size()  # from torchrun's environment: checked before joining, so a refusal never hangs
     if world > 1 and config.strategy != "scratch":
-        raise ValueError(
+        raise ConfigError(
             f"strategy {config.strategy} does not run on {world} processes (only scratch does); run it without "
             "torchrun: it trains on cached backbone features (seconds per epoch) in on-disk stores ranks would share"
         )
     if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of processes ({world})")
+        raise ConfigError(f"batch_size {config.batch_size} must be divisible by the number of processes ({world})")
     owns_group = distributed.setup()
-    if not distributed.is_main():
-        console.quiet = True  # rank 0 reports for all
-    run_dir = Path(distributed.broadcast_from_main(str(run_dir)))  # ranks may have stamped default names apart
-    state_path = run_dir / "state.pt"
+    with contextlib.ExitStack() as stack:
+        if not distributed.is_main():
+            stack.enter_context(progress.reporting(progress.Reporter()))  # rank 0 reports for all
+        run = Run(distributed.broadcast_from_main(str(run.path)))  # ranks may have stamped default names apart
+        _fit(run=run, config=config, split=split, data_dir=Path(data_dir), resume=resume, world=world)
+    distributed.barrier()  # the run folder is complete when any rank returns
+    if owns_group:
+        distributed.cleanup()
+    return run.path
+
+
+def _fit(*, run: Run, config: TrainConfig, split: Split | None, data_dir: Path, resume: bool, world: int) -> None:
+    """The training loop of :func:`train`, after the run folder and the process group are settled."""
     # Without a thread count, the ranks on one machine share its cores instead of each taking all of them.
-    set_threads(config.threads or max(1, (os.cpu_count() or 1) // distributed.local_world_size()))
+    set_threads(config.threads or max(1, progress.available_cores() // distributed.local_world_size()))
     device = distributed.device(default_device())
     precision = resolve_precision(config.precision, device)
     # Weights first: when they cannot be had the run stops before anything is decoded or written.
@@ -686,7 +819,7 @@ def train(*, config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = 
     if not distributed.is_main():
         distributed.barrier()  # rank 0 decodes the image cache first; the others then load it instead of racing
     data = prepare_data(
-        data_dir=Path(data_dir),
+        data_dir=data_dir,
         input_size=config.input_size,
         split=split,
         kind=config.split,
@@ -698,80 +831,52 @@ def train(*, config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = 
     )
     if distributed.is_main():
         distributed.barrier()
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run.path.mkdir(parents=True, exist_ok=True)
         if not resume:
-            save_config(config, run_dir / "config.yaml")
-            save_split(data.split, data.images, run_dir / "split.csv")
-        _print_split(data)
+            run.save_config(config)
+            save_split(data.split, data.images, run.split_path)
+        _log_split(data)
 
     plan = PLANS[config.strategy](model=model, data=data, config=config, prep=prep, device=device, precision=precision)
-    optimizer = torch.optim.AdamW(plan.param_groups, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, len(data.train_idx) // config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, warmup_steps=warmup, total_steps=total_steps)
-    )
+    optimizer, scheduler = make_optimizer(plan, config, steps_per_epoch)
 
     history: list[dict] = []
-    start_epoch, best_score, best_epoch, bad_epochs, elapsed_before = 0, -math.inf, -1, 0, plan.setup_s
-    if resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        model.load_state_dict(load_file(str(run_dir / "last.safetensors")))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = state["history"]
-        start_epoch = state["epoch"] + 1
-        best_score, best_epoch, bad_epochs = state["best_score"], state["best_epoch"], state["bad_epochs"]
-        elapsed_before = state["elapsed_s"] + plan.setup_s
-        console.print(f"[green]resuming[/] {run_dir} at epoch {start_epoch + 1}/{config.epochs}")
+    stopper = EarlyStopping(patience=config.patience)
+    start_epoch, elapsed_before = 0, plan.setup_s
+    state = run.load_state() if resume else None
+    if state is not None:
+        model.load_state_dict(state.model or _load_weights(run.weights_path("last")))
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        history = state.history
+        start_epoch = state.epoch + 1
+        stopper = EarlyStopping(config.patience, state.best_score, state.best_epoch, state.bad_epochs)
+        elapsed_before = state.elapsed_s + plan.setup_s
+        log.info("resuming %s at epoch %d/%d", run.path, start_epoch + 1, config.epochs)
     stopped = "epochs"
-    if start_epoch > 0 and (bad_epochs >= config.patience or start_epoch >= config.epochs):
+    if start_epoch > 0 and (stopper.should_stop or start_epoch >= config.epochs):
         stopped = "already finished"
 
     t_start = time.perf_counter()
-    val_sorted = np.sort(data.val_idx)
-    # One process: the plan's forward. Several: DDP around the model (gradients averaged over ranks), each rank
-    # training on its contiguous share of every global batch.
+    # One process: the plan's forward. Several: DDP around the model (gradients averaged over ranks).
     forward = distributed.wrap(model, device=device) if world > 1 else plan.forward
-    per_rank = config.batch_size // world
-    share = slice(distributed.rank() * per_rank, (distributed.rank() + 1) * per_rank)
-    with make_progress(extra="status") as progress:
-        ep_task = progress.add_task("epochs", total=config.epochs, completed=start_epoch, status="")
+    with progress.task("epochs", total=config.epochs, completed=start_epoch) as ep_task:
         for epoch in range(start_epoch, config.epochs):
             if stopped == "already finished":
                 break
-            torch.manual_seed(config.seed * 1000 + epoch)  # dropout; per epoch so a resume draws the same
-            gen = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-            # Every rank draws this permutation (same seed): the ranks' shares of a step's batch together are the
-            # single-process batch, not a DistributedSampler's own shuffle (which would change every batch).
-            order = np.random.default_rng(config.seed * 1000 + epoch).permutation(data.train_idx)
-            plan.train_mode()
-            t0 = time.perf_counter()
-            losses = []
-            step_task = progress.add_task(f"epoch {epoch + 1}", total=steps_per_epoch, status="")
-            for s in range(steps_per_epoch):
-                idx = np.sort(order[s * config.batch_size : (s + 1) * config.batch_size])
-                # The whole global batch is built (and augmented) on every rank so that the augmentation generator
-                # stays in step with a single process's; each rank then keeps its share.
-                x = plan.batch(idx, gen)
-                if world > 1:
-                    x, idx = x[share], idx[share]
-                yb = torch.from_numpy(data.labels[idx]).float().to(device)
-                with autocast(precision, device):
-                    logits = forward(x)
-                loss = _bce(logits, yb, config.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                losses.append(loss.item())
-                if s % 10 == 0 or s == steps_per_epoch - 1:
-                    progress.update(step_task, completed=s + 1, status=f"loss {np.mean(losses[-50:]):.4f}")
-            train_s = time.perf_counter() - t0
-            progress.remove_task(step_task)
-            # Equal shares: the mean over ranks of each rank's mean loss is the global batches' mean loss.
-            train_loss = distributed.all_reduce_mean(float(np.mean(losses)))
+            train_loss, train_s = train_one_epoch(
+                plan=plan,
+                data=data,
+                config=config,
+                epoch=epoch,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                forward=forward,
+                device=device,
+                precision=precision,
+                world=world,
+            )
             if distributed.is_main():  # validation, checkpoints and the stopping decision; the others wait below
                 row = {
                     "epoch": epoch + 1,
@@ -780,48 +885,20 @@ def train(*, config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = 
                     "train_images_per_s": steps_per_epoch * config.batch_size / train_s,
                     "epoch_s": train_s,
                 }
-                if plan.val_logits is not None:
-                    val_logits = plan.val_logits()
-                    yv = data.labels[val_sorted]
-                    pv = sigmoid(val_logits)
-                    vm = M.binary_metrics(yv, pv, 0.5)
-                    row.update(
-                        val_loss=float(_bce(torch.from_numpy(val_logits), torch.from_numpy(yv).float(), 0.0)),
-                        val_roc_auc=vm["roc_auc"],
-                        val_accuracy=vm["accuracy"],
-                        val_sensitivity=vm["sensitivity"],
-                        val_specificity=vm["specificity"],
-                    )
-                    score = vm["roc_auc"] - 1e-3 * row["val_loss"]  # AUC first; val loss breaks near-ties
-                else:
-                    score = -row["train_loss"]
+                val_row, score = validate(plan, data)
+                row.update(val_row)
+                if not val_row:
+                    score = -train_loss
                 row["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
                 history.append(row)
-                improved = score > best_score
-                if improved:
-                    best_score, best_epoch, bad_epochs = score, epoch, 0
-                    save_weights(model, run_dir / "best.safetensors")
-                else:
-                    bad_epochs += 1
-                save_weights(model, run_dir / "last.safetensors")
-                state = {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "history": history,
-                    "best_score": best_score,
-                    "best_epoch": best_epoch,
-                    "bad_epochs": bad_epochs,
-                    "elapsed_s": row["elapsed_s"],
-                }
-                atomic_write(state_path, lambda tmp, st=state: torch.save(st, tmp))
-                # metrics.jsonl is rewritten from the checkpointed history, so it never runs ahead of state.pt.
-                atomic_write_text(run_dir / "metrics.jsonl", jsonl_text(history))
+                improved = stopper.step(score, epoch)
+                _checkpoint(run, model, optimizer, scheduler, stopper, history, epoch, improved=improved)
                 status = f"loss {row['train_loss']:.4f}"
                 if "val_roc_auc" in row:
                     status += f"  val AUC {row['val_roc_auc']:.4f}  acc {row['val_accuracy']:.4f}"
-                progress.update(ep_task, completed=epoch + 1, status=status + ("  *" if improved else ""))
-                if bad_epochs >= config.patience:
+                ep_task.update(completed=epoch + 1, status=status + ("  *" if improved else ""))
+                log.debug("epoch %d: %s", epoch + 1, status)
+                if stopper.should_stop:
                     stopped = f"early stop (no better val AUC for {config.patience} epochs)"
                 elif config.time_budget_s and row["elapsed_s"] >= config.time_budget_s:
                     stopped = f"time budget {config.time_budget_s:.0f} s reached"
@@ -829,28 +906,63 @@ def train(*, config: TrainConfig, data_dir: Path, run_dir: Path, resume: bool = 
             if stopped != "epochs":
                 break
     if distributed.is_main():
-        console.print(f"training stopped: {stopped}; best epoch {best_epoch + 1}")
+        log.info("training stopped: %s; best epoch %d", stopped, stopper.best_epoch + 1)
         finalize(
-            run_dir=run_dir,
+            run=run,
             config=config,
             data=data,
             prep=prep,
             precision=precision,
             history=history,
-            best_epoch=best_epoch,
+            best_epoch=stopper.best_epoch,
             stopped=stopped,
             plan=plan,
             weights_info=weights_info,
         )
-    distributed.barrier()  # the run folder is complete when any rank returns
-    if owns_group:
-        distributed.cleanup()
-    return run_dir
+
+
+def _checkpoint(
+    run: Run,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    stopper: EarlyStopping,
+    history: list[dict],
+    epoch: int,
+    *,
+    improved: bool,
+) -> None:
+    """Write the epoch's weights, resume state and history (each file atomically, the history last)."""
+    if improved:
+        run.save_weights(model, "best")
+    run.save_weights(model, "last")
+    run.save_state(
+        TrainState(
+            epoch=epoch,
+            best_score=stopper.best_score,
+            best_epoch=stopper.best_epoch,
+            bad_epochs=stopper.bad_epochs,
+            elapsed_s=history[-1]["elapsed_s"],
+            history=history,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+        )
+    )
+    # metrics.jsonl is rewritten from the checkpointed history, so it never runs ahead of the state.
+    run.save_history(history)
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise RunError(f"{path}: unreadable weights ({e})", code="run_weights_invalid") from None
 
 
 def finalize(
     *,
-    run_dir: Path,
+    run: Run,
     config: TrainConfig,
     data: Prepared,
     prep: Preprocessing,
@@ -860,11 +972,11 @@ def finalize(
     stopped: str,
     plan: Plan,
     weights_info: dict,
-) -> dict:
+) -> RunMeta:
     """Choose the decision threshold on validation with the best weights and write ``metadata.json``.
 
     Args:
-        run_dir: the run folder.
+        run: the run folder.
         config: the resolved config.
         data: the prepared data.
         prep: the model's preprocessing.
@@ -879,7 +991,7 @@ def finalize(
         The metadata.
     """
     model = plan.model
-    model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
+    model.load_state_dict(_load_weights(run.weights_path("best")))
     val_sorted = np.sort(data.val_idx)
     threshold, val_metrics = 0.5, {}
     if plan.val_logits is not None:
@@ -922,28 +1034,14 @@ def finalize(
         "world_size": distributed.world_size(),  # processes that trained together (torchrun)
         "parameters": n_params,
         "trainable_parameters": sum(p.numel() for g in plan.param_groups for p in g["params"]),
-        "weights_mb": round((run_dir / "best.safetensors").stat().st_size / 1e6, 3),
+        "weights_mb": round(run.weights_path("best").stat().st_size / 1e6, 3),
         "packages": package_versions(),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
-    atomic_write_json(run_dir / "metadata.json", meta)
-    return meta
+    return run.save_meta(meta)
 
 
-def _print_split(data: Prepared) -> None:
-    from rich.table import Table
-
-    t = Table(
-        title=f"split ({data.split.kind}{' - LEAKY, for the audit only' if data.split.kind != 'patient' else ''})"
-    )
-    rows = describe(data.split, data.images)
-    for col in rows[0]:
-        t.add_column(col, justify="right")
-    for r in rows:
-        t.add_row(*(str(v) for v in r.values()))
-    console.print(t)
-
-
-def read_history(run_dir: Path) -> list[dict]:
-    """The per-epoch rows of a run's ``metrics.jsonl``."""
-    return read_jsonl(Path(run_dir) / "metrics.jsonl")
+def _log_split(data: Prepared) -> None:
+    leaky = " - LEAKY, for the audit only" if data.split.kind != "patient" else ""
+    for row in describe(data.split, data.images):
+        log.info("split (%s%s): %s", data.split.kind, leaky, ", ".join(f"{k} {v}" for k, v in row.items()))

