@@ -499,3 +499,37 @@ def test_metrics_module_does_not_import_torch() -> None:
         node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
     }
     assert "torch" not in imported
+
+
+def test_clustered_proportion_single_field_is_the_exact_binomial_interval():
+    from malaria_cells.metrics import clustered_proportion
+
+    p = clustered_proportion([5], [100])
+    # Clopper-Pearson for 5/100 (tabulated: 0.01643, 0.11283); one field has no between-field variation.
+    assert (p.count, p.total, p.clusters) == (5, 100, 1)
+    assert p.estimate == 0.05 and p.design_effect == 1.0
+    assert abs(p.low - 0.016432) < 1e-5 and abs(p.high - 0.112835) < 1e-5
+
+
+def test_clustered_proportion_widens_with_between_field_variation():
+    from malaria_cells.metrics import clustered_proportion
+
+    even = clustered_proportion([1, 1, 1, 1], [100, 100, 100, 100])
+    clumped = clustered_proportion([4, 0, 0, 0], [100, 100, 100, 100])
+    assert even.estimate == clumped.estimate == 0.01
+    assert even.design_effect == 1.0  # fields vary less than binomial: never narrower than binomial
+    # By hand: p = 0.01; cluster variance 4/3 * ((4-1)^2 + 3 * 1^2) / 400^2 = 1e-4; binomial 0.01*0.99/400.
+    assert abs(clumped.design_effect - 1e-4 / (0.01 * 0.99 / 400)) < 1e-9
+    assert clumped.high - clumped.low > 2 * (even.high - even.low)
+
+
+def test_clustered_proportion_at_zero_and_empty():
+    from malaria_cells.metrics import clustered_proportion
+
+    z = clustered_proportion([0, 0], [100, 100])
+    assert z.estimate == 0 and z.low == 0
+    assert abs(z.high - (1 - 0.025 ** (1 / 200))) < 1e-9  # exact upper bound at 0 of 200
+    e = clustered_proportion([], [])
+    assert e.total == 0 and np.isnan(e.estimate)
+    with pytest.raises(ValueError):
+        clustered_proportion([3], [2])

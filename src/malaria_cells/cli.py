@@ -88,6 +88,8 @@ def _root(
 
 
 app.add_typer(data_app, name="data")
+detector_app = _Typer(help="Train the red blood cell detector used by `smear`.", no_args_is_help=True)
+app.add_typer(detector_app, name="detector")
 
 DataOpt = Annotated[
     Path | None,
@@ -656,6 +658,143 @@ def model_card_cmd(
         _fail(f"{ev} not found; run `malaria-cells evaluate {run}` first")
     write_model_card(run_dir=run, eval_json=ev, onnx_paths=onnx, commands=command or [], out=out)
     console.print(f"[green]wrote[/] {out}")
+
+
+@app.command("smear")
+def smear_cmd(
+    paths: Annotated[list[str], typer.Argument(help="Field photos or folders of them; a folder is one slide.")],
+    model: ModelOpt = None,
+    detector: Annotated[
+        Path | None, typer.Option(help="Detector ONNX file (default: $MALARIA_CELLS_DETECTOR, else the shipped one).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("smear-out"),
+    boxes: Annotated[
+        Path | None,
+        typer.Option(help="Classify these boxes instead of detecting: the IML share's JSON or COCO JSON."),
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(min=0, max=1, help="Decision threshold on P(Parasitized) (default: the model's).")
+    ] = None,
+    overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write an overlay per photo.")] = True,
+    shard: Annotated[str | None, typer.Option(help="i/n: only the i-th of n equal parts of the photos.")] = None,
+) -> None:
+    """Find every red blood cell in field photos, classify it, and report parasitemia per photo and per slide.
+
+    Writes cells.csv, fields.csv, summary.json, overlays/ and infected_cells.png into --out. Exit code 0 when every
+    photo was read and had cells, 1 when some photo failed or had none, 5 when no photo had any cell.
+    """
+    from rich.table import Table
+
+    from malaria_cells.boxes import load_annotations
+    from malaria_cells.detect import Detector
+    from malaria_cells.errors import EXIT_NOTHING_FOUND, EXIT_OK, EXIT_SOME_INPUTS_FAILED
+    from malaria_cells.inputs import shard_bounds
+    from malaria_cells.predict import Classifier
+    from malaria_cells.progress import task
+    from malaria_cells.smear import SmearAnalyzer, group_slides, run_smear
+    from malaria_cells.terminal import console
+
+    slides = group_slides(paths)
+    if shard is not None:
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+            flat = [(s, p) for s, ps in slides for p in ps]
+            start, stop = shard_bounds(len(flat), index=i - 1, count=n)
+        except ValueError:
+            _fail(f"--shard takes i/n with 1 <= i <= n (e.g. 2/4), not {shard!r}")
+        part: dict[str, list[Path]] = {}
+        for s, p in flat[start:stop]:
+            part.setdefault(s, []).append(p)
+        slides = list(part.items())
+    n_photos = sum(len(ps) for _, ps in slides)
+    if n_photos == 0:
+        _fail("no field photos (JPEG, PNG, TIFF, WebP) in the given paths")
+    given = load_annotations(boxes) if boxes is not None else None
+    analyzer = SmearAnalyzer(classifier=Classifier.load(model), detector=Detector(detector), threshold=threshold)
+    with task(f"analyzing {n_photos:,} photos", total=n_photos) as bar:
+        run = run_smear(
+            slides, out=out, analyzer=analyzer, boxes=given, overlays=overlays, on_done=lambda _: bar.advance()
+        )
+    t = Table(title=f"parasitemia ({run.model['boxes']} cells; border cells not counted)")
+    for col in ("slide", "photos", "cells", "infected", "parasitemia %", "95 % CI"):
+        t.add_column(col, justify="right" if col != "slide" else "left")
+    for s in run.slides:
+        d = s.to_dict()
+        pct = "—" if d["parasitemia_pct"] is None else f"{d['parasitemia_pct']:.2f}"
+        ci = "—" if d["ci95_pct"][0] is None else f"{d['ci95_pct'][0]:.2f}–{d['ci95_pct'][1]:.2f}"
+        t.add_row(s.slide, str(d["photos"]), f"{d['cells']:,}", f"{d['infected']:,}", pct, ci)
+    console.print(t)
+    if run.failed or run.empty:
+        console.print(f"[yellow]{run.failed} photo(s) unreadable, {run.empty} with 0 cells found (see fields.csv)[/]")
+    console.print(f"[green]wrote[/] {out}/cells.csv, fields.csv, summary.json, infected_cells.png")
+    if run.empty + run.failed == run.photos:
+        raise typer.Exit(EXIT_NOTHING_FOUND)
+    raise typer.Exit(EXIT_SOME_INPUTS_FAILED if run.failed or run.empty else EXIT_OK)
+
+
+@app.command("smear-eval")
+def smear_eval_cmd(
+    photos: Annotated[Path, typer.Argument(help="Folder of annotated field photos.")],
+    annotations: Annotated[Path, typer.Option(help="Their boxes: the IML share's JSON or COCO JSON.")],
+    model: ModelOpt = None,
+    detector: Annotated[Path | None, typer.Option(help="Detector ONNX file (default: the shipped one).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder (metrics.json, report.md, errors/).")] = Path("smear-eval"),
+    given_boxes: Annotated[
+        bool, typer.Option("--given-boxes", help="Classify the annotated boxes (classification judged alone).")
+    ] = False,
+    threshold: Annotated[float | None, typer.Option(min=0, max=1, help="Decision threshold.")] = None,
+    first: Annotated[
+        str | None, typer.Option(help="Only photos whose name sorts at or after this one (a split of your own).")
+    ] = None,
+    last: Annotated[str | None, typer.Option(help="Only photos whose name sorts at or before this one.")] = None,
+) -> None:
+    """Score the smear pipeline against annotated photos: detection, classification, counts and parasitemia."""
+    from malaria_cells.boxes import load_annotations
+    from malaria_cells.detect import Detector
+    from malaria_cells.predict import Classifier
+    from malaria_cells.smear import SmearAnalyzer
+    from malaria_cells.smear_eval import evaluate_smear, render_report
+    from malaria_cells.terminal import console
+
+    names = [n for n in load_annotations(annotations) if (first is None or n >= first) and (last is None or n <= last)]
+    analyzer = SmearAnalyzer(classifier=Classifier.load(model), detector=Detector(detector), threshold=threshold)
+    m = evaluate_smear(
+        photos_dir=photos, annotations=annotations, analyzer=analyzer, out=out, given_boxes=given_boxes, names=names
+    )
+    console.print(render_report(m), markup=False, highlight=False)
+    console.print(f"[green]wrote[/] {out}/metrics.json, report.md")
+
+
+@detector_app.command("train")
+def detector_train_cmd(
+    photos: Annotated[Path, typer.Argument(help="Folder of field photos.")],
+    annotations: Annotated[Path, typer.Option(help="Their boxes: the IML share's JSON or COCO JSON.")],
+    out: Annotated[Path, typer.Option(help="Output folder (detector.onnx, metrics.json, history.jsonl).")],
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 30,
+    width: Annotated[int, typer.Option(min=8, max=256, help="Channels of the network's body.")] = 32,
+    val_fraction: Annotated[
+        float, typer.Option(min=0, max=0.9, help="Last share of the sorted photo names held out for validation.")
+    ] = 0.2,
+    threshold: Annotated[
+        float | None, typer.Option(min=0.01, max=0.99, help="Heatmap threshold (default: chosen on validation).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Train the centre-heatmap cell detector on annotated field photos; writes detector.onnx."""
+    from malaria_cells.detect_train import DetectorConfig, train_detector
+    from malaria_cells.terminal import console
+
+    cfg = DetectorConfig(epochs=epochs, width=width, val_fraction=val_fraction, threshold=threshold, seed=seed)
+    result = train_detector(photos_dir=photos, annotations=annotations, out=out, config=cfg)
+    m = result.val_metrics
+    if m:
+        console.print(
+            f"validation ({m['photos']} photos, {m['cells']:,} boxed cells) at threshold {result.threshold}: "
+            f"recall {m['recall_iou50']:.3f} / precision {m['precision_iou50']:.3f} "
+            f"(inner {m['precision_iou50_inner']:.3f}, where boxed {m['precision_iou50_boxed']:.3f}) at IoU 0.5; "
+            f"recall {m['recall_iou30']:.3f} at IoU 0.3"
+        )
+    console.print(f"[green]wrote[/] {result.onnx}")
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ Exit codes (every command):
 2     usage, config or model error: nothing was done (bad flag value, unreadable model, bad run folder)
 3     data error: the data source is missing or holds nothing usable
 4     unavailable: something the command needs cannot be had here (pretrained weights, a port in use)
+5     nothing found: the command ran but found nothing to count (``smear``: no cells in any photo)
 130   interrupted (Ctrl-C)
 ====  ==========================================================================================
 """
@@ -24,6 +25,7 @@ EXIT_SOME_INPUTS_FAILED = 1
 EXIT_USAGE = 2
 EXIT_DATA = 3
 EXIT_UNAVAILABLE = 4
+EXIT_NOTHING_FOUND = 5
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES: dict[int, str] = {
@@ -32,6 +34,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_USAGE: "usage, config or model error; nothing was done",
     EXIT_DATA: "data error: the data source is missing or holds nothing usable",
     EXIT_UNAVAILABLE: "something needed cannot be had here (pretrained weights, a port in use)",
+    EXIT_NOTHING_FOUND: "nothing found to count (smear: no cells in any photo)",
     EXIT_INTERRUPTED: "interrupted",
 }
 

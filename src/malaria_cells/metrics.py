@@ -508,3 +508,72 @@ def per_patient_table(
         for i in range(k)
     ]
     return sorted(rows, key=lambda row: _natural_key(row["patient"]))
+
+
+@dataclass(frozen=True)
+class Proportion:
+    """A pooled proportion over clusters (fields of a slide) with a 95 % interval that accounts for clustering."""
+
+    count: int  # positives (infected cells)
+    total: int  # all (counted cells)
+    estimate: float  # count / total (0-1); NaN when total is 0
+    low: float
+    high: float
+    design_effect: float  # variance over the binomial variance (1 = fields no more alike than random cells)
+    clusters: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        """JSON-ready fields."""
+        return {
+            "count": self.count,
+            "total": self.total,
+            "estimate": self.estimate,
+            "ci_low": self.low,
+            "ci_high": self.high,
+            "design_effect": self.design_effect,
+            "clusters": self.clusters,
+        }
+
+
+def clustered_proportion(counts: ArrayLike, totals: ArrayLike, *, level: float = 0.95) -> Proportion:
+    """Pooled proportion of positives over clusters, with a Clopper-Pearson interval on the effective sample size.
+
+    Parasitemia is counted over the fields (photos) of a slide, and fields differ more than random cells would (a
+    clump of infected cells sits in one field): the interval must widen with the between-field variation. The ratio
+    estimator's variance over clusters, ``n/(n-1) * sum((y_i - p m_i)^2) / (sum m_i)^2``, divided by the binomial
+    variance ``p(1-p)/sum m_i`` is the design effect ``d`` (at least 1); the exact binomial (Clopper-Pearson) interval
+    is then taken for ``p * N/d`` positives out of ``N/d`` cells (Korn & Graubard, 1998). It stays valid at 0
+    positives (upper bound from the effective size) and reduces to the exact binomial interval for one field.
+
+    Args:
+        counts: positives per cluster.
+        totals: items per cluster (same length).
+        level: confidence level.
+
+    Returns:
+        The estimate and its interval (0-1).
+
+    Raises:
+        ValueError: mismatched lengths, negative counts or counts above totals.
+    """
+    from scipy.stats import beta
+
+    y = np.asarray(counts, np.float64).ravel()
+    m = np.asarray(totals, np.float64).ravel()
+    if y.shape != m.shape or (y < 0).any() or (y > m).any():
+        raise ValueError("counts and totals must have the same length, with 0 <= count <= total")
+    n_total, n_pos, k = float(m.sum()), float(y.sum()), len(m)
+    if n_total == 0:
+        return Proportion(0, 0, float("nan"), float("nan"), float("nan"), float("nan"), k)
+    p = n_pos / n_total
+    deff = 1.0
+    binomial_var = p * (1 - p) / n_total
+    if k > 1 and binomial_var > 0:
+        cluster_var = k / (k - 1) * float(((y - p * m) ** 2).sum()) / n_total**2
+        deff = max(1.0, cluster_var / binomial_var)
+    n_eff = n_total / deff
+    x_eff = p * n_eff
+    alpha = 1 - level
+    low = 0.0 if x_eff <= 0 else float(beta.ppf(alpha / 2, x_eff, n_eff - x_eff + 1))
+    high = 1.0 if x_eff >= n_eff else float(beta.ppf(1 - alpha / 2, x_eff + 1, n_eff - x_eff))
+    return Proportion(int(round(n_pos)), int(round(n_total)), p, low, high, deff, k)
