@@ -19,6 +19,25 @@ import numpy as np
 from PIL import Image
 
 _CACHE: dict[str, Path] = {}
+# The IML-Malaria field photos: a read-only share; its README says never to copy them (or crops) into the repo.
+IML_FIELDS = Path(__file__).resolve().parents[1] / ".." / "shared" / "iml-malaria" / "fields"
+
+
+def field_photo(name: str = "PA171710.JPG") -> Path:
+    """A real thin-smear field photo (1280 x 960 JPEG, ~110 counted red cells) from the IML-Malaria share.
+
+    Args:
+        name: the photo's file name.
+
+    Returns:
+        Its path. A missing share is a loud failure, not a skip (CI must have it), like the NIH share in conftest.
+    """
+    import pytest
+
+    path = IML_FIELDS / name
+    if not path.is_file():
+        pytest.fail(f"the IML-Malaria field photos are missing at {IML_FIELDS.resolve()}")
+    return path
 
 
 def synthetic_cell(rng: np.random.Generator, *, infected: bool) -> Image.Image:

@@ -22,7 +22,9 @@ PACKAGE = "malaria_cells"
 # Lower never imports higher; a module may import its own level (cycles are ruled out separately).
 LEVELS: dict[str, int] = {
     # 0: foundations, importing nothing of the package above them
-    **dict.fromkeys(("__init__", "errors", "io", "metrics", "preprocess", "segment", "progress", "fetch"), 0),
+    **dict.fromkeys(
+        ("__init__", "errors", "io", "metrics", "preprocess", "segment", "progress", "fetch", "boxes", "overlay"), 0
+    ),
     # 1: data, models and their plain helpers
     **dict.fromkeys(
         ("data", "split", "cache", "augment", "models", "weights", "config", "plots", "distributed"),
@@ -31,9 +33,11 @@ LEVELS: dict[str, int] = {
     # 2: run folders and the transfer-learning machinery
     **dict.fromkeys(("run", "transfer"), 2),
     # 3: inference back ends and input collection
-    **dict.fromkeys(("backends", "inputs"), 3),
+    **dict.fromkeys(("backends", "inputs", "detect"), 3),
     # 4: the commands' library functions
     **dict.fromkeys(("train", "evaluate", "export", "explain", "predict", "ensemble", "card", "reproduce"), 4),
+    # 4: field photos: the detector's trainer, the smear pipeline (above predict's Classifier) and its evaluation
+    **dict.fromkeys(("detect_train", "smear", "smear_eval"), 4),
     # 5: the web service
     "serve": 5,
     # 6: the command line, its terminal rendering and its output formats (only the CLI imports these)

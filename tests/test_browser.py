@@ -1,5 +1,6 @@
 """End to end in a real browser: the real server (uvicorn in a subprocess) and Debian's chromium driven headless by
-Playwright. Needs /usr/bin/chromium (``apt-get install chromium``) and the NIH share: both missing = a failure."""
+Playwright. Needs /usr/bin/chromium (``apt-get install chromium``), the NIH share and the IML-Malaria field photos:
+any missing = a failure."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from deploy_helpers import tiny_run
+from deploy_helpers import field_photo, tiny_run
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -154,11 +155,80 @@ def test_phone_width_layout_and_screenshot(server: str, browser, share: Path, tm
     _only_local(requests, server)
 
 
+def _tap_target(body: dict) -> dict:
+    """A counted cell to tap: infected if any, with no other box centre near its own (the tap is unambiguous)."""
+    counted = [c for c in body["cells"] if not c["on_border"] and c["label"] in ("Parasitized", "Uninfected")]
+    centre = {c["cell"]: (c["x"] + c["w"] / 2, c["y"] + c["h"] / 2) for c in body["cells"]}
+
+    def alone(c: dict) -> bool:
+        x, y = centre[c["cell"]]
+        return all((x - u) ** 2 + (y - v) ** 2 > 30**2 for i, (u, v) in centre.items() if i != c["cell"])
+
+    ranked = sorted(counted, key=lambda c: (c["label"] != "Parasitized", -c["prob_parasitized"]))
+    return next(c for c in ranked if alone(c))
+
+
+def test_field_photo_mode_on_a_phone(server: str, browser, tmp_path: Path) -> None:
+    photo = field_photo()
+    api = httpx.post(f"{server}/api/v1/smear", files={"file": (photo.name, photo.read_bytes())}, timeout=60).json()
+    summary = api["summary"]
+    page, requests = _page(browser, server, viewport=PHONE)
+    page.click("#tab-field")
+    assert page.locator("#mode-field").is_visible() and not page.locator("#mode-cells").is_visible()
+    assert page.locator(".notice", has_text="not for diagnosis").is_visible()  # the disclaimer stays in view
+    page.set_input_files("#photo", str(photo))
+    page.locator("#field-result[data-state=done]").wait_for(timeout=60_000)
+    overlay = page.locator("[data-testid=overlay]")
+    assert overlay.evaluate("img => img.complete && img.naturalWidth === 1280 && img.naturalHeight === 960")
+    text = page.inner_text("[data-testid=parasitemia]")
+    assert f"{summary['parasitemia_pct']:.2f} %" in text and f"{summary['ci95_pct'][1]:.2f} %" in text, text
+    counts = page.inner_text("[data-testid=counts]")
+    assert f"{summary['infected']} infected of {summary['cells']} counted" in counts, counts
+    assert not page.locator("[data-testid=warning]").is_visible()  # a good field: no warning
+    # Tap the middle of a cell's box on the overlay as drawn (scaled to the phone's width).
+    cell = _tap_target(api)
+    box = overlay.bounding_box()
+    assert box and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], box  # the photo fits the width
+    k = box["width"] / api["width"]
+    # A position inside the element: Playwright scrolls it into view first (the photo is below a phone's fold).
+    overlay.click(position={"x": (cell["x"] + cell["w"] / 2) * k, "y": (cell["y"] + cell["h"] / 2) * k})
+    detail = page.locator("[data-testid=cell-detail]")
+    page.locator("[data-testid=cell-probability]").wait_for()
+    assert detail.get_attribute("data-cell") == str(cell["cell"])
+    assert float(detail.get_attribute("data-probability")) == pytest.approx(cell["prob_parasitized"], abs=1e-6)
+    shown = page.inner_text("[data-testid=cell-probability]")
+    assert shown == f"P(Parasitized) = {cell['prob_parasitized']:.3f}"
+    assert page.inner_text("[data-testid=cell-label]") == cell["label"]
+    assert page.locator("#crop").is_visible()
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"page is {overflow}px wider than a phone screen"
+    shot = tmp_path / "field-phone.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 50_000
+    print(f"field photo phone screenshot: {shot}")
+    # A bad upload shows the server's own message.
+    bad = tmp_path / "field.jpg"
+    bad.write_text("not a photo")
+    page.set_input_files("#photo", str(bad))
+    page.locator("[data-testid=field-error]").wait_for(timeout=60_000)
+    assert "field.jpg: not an image" in page.inner_text("[data-testid=field-error]")
+    assert not page.locator("#field-result").is_visible()
+    _only_local(requests, server)
+
+
+def test_field_mode_is_kept_in_the_address(server: str, browser) -> None:
+    page, _ = _page(browser, f"{server}/#field")
+    assert page.locator("#mode-field").is_visible()
+    assert page.get_attribute("#tab-field", "aria-selected") == "true"
+    page.click("#tab-cells")
+    assert page.locator("#drop").is_visible() and not page.locator("#mode-field").is_visible()
+
+
 def test_docs_page_renders_offline(server: str, browser) -> None:
     page, requests = _page(browser, f"{server}/docs")
     page.locator("[data-testid=route]").nth(2).wait_for()
     text = page.inner_text("#api")
-    for route in ("POST /api/v1/predict", "GET /api/v1/health", "GET /api/v1/model"):
+    for route in ("POST /api/v1/predict", "POST /api/v1/smear", "GET /api/v1/health", "GET /api/v1/model"):
         assert route in text
     spec = json.loads(httpx.get(f"{server}/openapi.json").text)
     assert spec["info"]["title"] == "malaria-cells"

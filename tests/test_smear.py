@@ -89,18 +89,19 @@ def test_finds_the_cells_of_a_synthetic_field(share, analyzer):
     # cells cut by the border are flagged and not counted
     flagged = {int(t) for t, f in zip(truth, found, strict=True) if r.cells[f].on_border}
     assert flagged and flagged <= set(np.nonzero(~inner)[0].tolist())
-    assert r.n_cells == sum(1 for c in r.cells if not c.on_border and c.label != "Unknown")
+    assert r.n_cells == sum(1 for c in r.cells if not c.on_border and c.label in ("Parasitized", "Uninfected"))
 
 
 def test_crops_are_in_the_training_form(share, analyzer):
     img, boxes, _ = synthetic_field(share, seed=1)
     whole = boxes[(boxes[:, 0] > 3) & (boxes[:, 1] > 3) & (boxes[:, 2] > 60) & (boxes[:, 3] > 60)][:10]
-    crops, areas, ok = crop_cells(img, whole, size=48)
+    crops, areas, ok, dark = crop_cells(img, whole, size=48)
     assert crops.shape == (10, 48, 48, 3) and ok.mean() >= 0.8
     for c in crops[ok]:
         assert c[[0, 0, -1, -1], [0, -1, 0, -1]].max() < 20  # the background is black, like the NIH crops
         assert (c.reshape(-1, 3).max(1) > 20).mean() > 0.3  # and the cell fills the frame
     assert (areas[ok] > 0.3 * 80 * 80).all()
+    assert (dark[ok] < 0.5).all()  # pink NIH cells on a pale background are no white-cell nuclei
 
 
 def test_blank_and_non_blood_photos_find_no_cells(analyzer):
@@ -168,7 +169,7 @@ def test_cli_writes_every_output_for_a_slide(iml, tmp_path):
     assert fields["corrupt.jpg"]["error"] and int(fields["PA171700.JPG"]["cells"]) > 50
     for name in ("PA171700.JPG", "PA171701.JPG"):
         mine = [c for c in cells if Path(c["image"]).name == name]
-        counted = [c for c in mine if c["on_border"] == "0" and c["label"] != "Unknown"]
+        counted = [c for c in mine if c["on_border"] == "0" and c["label"] in ("Parasitized", "Uninfected")]
         assert int(fields[name]["cells"]) == len(counted)
         assert int(fields[name]["infected"]) == sum(c["label"] == "Parasitized" for c in counted)
         with Image.open(out / "overlays" / f"{Path(name).stem}.jpg") as im:
@@ -200,3 +201,16 @@ def test_cli_on_a_blank_photo_says_no_cells(tmp_path):
     proc = _cli("smear", str(photo), "--out", str(tmp_path / "out"))
     assert proc.returncode == EXIT_NOTHING_FOUND
     assert "0 cells" in (tmp_path / "out" / "fields.csv").read_text()
+
+
+def test_contact_sheet_keeps_the_most_confident_when_full(iml, tmp_path, monkeypatch, analyzer):
+    import malaria_cells.smear as smear
+
+    monkeypatch.setattr(smear, "SHEET_CELLS", 3)  # fills after a few cells: the replace path runs
+    photos = [iml / "fields" / n for n in ("PA171700.JPG", "PA171710.JPG")]
+    run = smear.run_smear([("s", photos)], out=tmp_path, analyzer=analyzer, overlays=False)
+    rows = list(csv.DictReader((tmp_path / "cells.csv").open()))
+    called = sorted((float(r["prob_parasitized"]) for r in rows if r["label"] == "Parasitized"), reverse=True)
+    assert len(called) > 3 and run.photos == 2
+    with Image.open(tmp_path / "infected_cells.png") as im:
+        assert im.height < 2 * (96 + 16) + 24  # one row: three cells

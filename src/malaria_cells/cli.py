@@ -593,6 +593,9 @@ def export_cmd(
 @app.command("serve")
 def serve_cmd(
     model: ModelOpt = None,
+    detector: Annotated[
+        Path | None, typer.Option(help="Cell detector ONNX for field photos (default: the shipped one).")
+    ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 is this machine only.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (1-65535).")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted image file, in MB.")] = 10.0,
@@ -616,7 +619,7 @@ def serve_cmd(
         typer.Option(help="Another Host name to serve besides localhost and --host (DNS rebinding check); repeat."),
     ] = None,
 ) -> None:
-    """Serve the web page (drop cell images, see labels and heatmaps) and the JSON API (/docs)."""
+    """Serve the web page (cell images, or a field photo with its cells counted) and the JSON API (/docs)."""
     from malaria_cells.serve import ServeConfig, check_port, serve
 
     # Checked here, before anything loads: a bad value is one error line and exit code 2 (a ConfigError).
@@ -634,7 +637,7 @@ def serve_cmd(
         header_timeout_s=header_timeout,
         allowed_hosts=tuple(allowed_host or ()),
     )
-    serve(model=model, host=host, port=port, config=config)
+    serve(model=model, detector=detector, host=host, port=port, config=config)
 
 
 @app.command("model-card")
@@ -677,6 +680,9 @@ def smear_cmd(
     ] = None,
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write an overlay per photo.")] = True,
     shard: Annotated[str | None, typer.Option(help="i/n: only the i-th of n equal parts of the photos.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Photos analysed at once (default: the available cores).")
+    ] = None,
 ) -> None:
     """Find every red blood cell in field photos, classify it, and report parasitemia per photo and per slide.
 
@@ -686,11 +692,9 @@ def smear_cmd(
     from rich.table import Table
 
     from malaria_cells.boxes import load_annotations
-    from malaria_cells.detect import Detector
     from malaria_cells.errors import EXIT_NOTHING_FOUND, EXIT_OK, EXIT_SOME_INPUTS_FAILED
     from malaria_cells.inputs import shard_bounds
-    from malaria_cells.predict import Classifier
-    from malaria_cells.progress import task
+    from malaria_cells.progress import available_cores, task
     from malaria_cells.smear import SmearAnalyzer, group_slides, run_smear
     from malaria_cells.terminal import console
 
@@ -710,10 +714,17 @@ def smear_cmd(
     if n_photos == 0:
         _fail("no field photos (JPEG, PNG, TIFF, WebP) in the given paths")
     given = load_annotations(boxes) if boxes is not None else None
-    analyzer = SmearAnalyzer(classifier=Classifier.load(model), detector=Detector(detector), threshold=threshold)
+    workers = min(workers or available_cores(), n_photos)
+    analyzer = SmearAnalyzer.load(model=model, detector=detector, threshold=threshold, workers=workers)
     with task(f"analyzing {n_photos:,} photos", total=n_photos) as bar:
         run = run_smear(
-            slides, out=out, analyzer=analyzer, boxes=given, overlays=overlays, on_done=lambda _: bar.advance()
+            slides,
+            out=out,
+            analyzer=analyzer,
+            boxes=given,
+            overlays=overlays,
+            on_done=lambda _: bar.advance(),
+            workers=workers,
         )
     t = Table(title=f"parasitemia ({run.model['boxes']} cells; border cells not counted)")
     for col in ("slide", "photos", "cells", "infected", "parasitemia %", "95 % CI"):

@@ -17,6 +17,7 @@ COLOURS = {
     "Uninfected": (20, 170, 60),
     "border": (140, 140, 140),
     "Unknown": (240, 190, 0),
+    "Other": (90, 60, 200),  # white cell, platelet clump, debris: not counted
     "missed": (0, 90, 255),  # evaluation: an annotated cell no detection matched
     "false": (255, 0, 255),  # evaluation: a detection no annotated cell matched
 }

@@ -120,3 +120,96 @@ def to_training_form(rgb: np.ndarray, mask: np.ndarray, *, pad: int = 1) -> np.n
     x0, x1 = max(0, xs.min() - pad), min(mask.shape[1], xs.max() + 1 + pad)
     out = np.where(mask[..., None], rgb, 0).astype(np.uint8)
     return np.ascontiguousarray(out[y0:y1, x0:x1])
+
+
+def cell_masks(
+    crops: np.ndarray,
+    ellipses: np.ndarray,
+    *,
+    background: float | np.ndarray | None = None,
+    level: float = DEFAULT_LEVEL,
+) -> np.ndarray:
+    """:func:`cell_mask` for a batch of equal-size crops at once (the smear pipeline's hot path: ~150 cells a photo).
+
+    Every step is one array operation over the batch (3-D structuring elements that never connect two crops), which
+    is ~10x faster than a loop of :func:`cell_mask` calls and gives the same masks.
+
+    Args:
+        crops: uint8 (N, S, S, 3), each centred on a cell.
+        ellipses: (N, 4) cx, cy, rx, ry in crop px.
+        background: the background's green level, one for all or one per crop (default: each crop's border median).
+        level: as in :func:`cell_mask`.
+
+    Returns:
+        bool (N, S, S).
+    """
+    n, h, w = crops.shape[:3]
+    if n == 0:
+        return np.zeros((0, h, w), bool)
+    g = ndi.uniform_filter(crops[..., 1].astype(np.float32), size=(1, 3, 3))
+    if background is None:
+        edge = np.concatenate([g[:, :2].reshape(n, -1), g[:, -2:].reshape(n, -1), g[:, :, :2].reshape(n, -1),
+                               g[:, :, -2:].reshape(n, -1)], axis=1)  # fmt: skip
+        bg = np.median(edge, axis=1)
+    else:
+        bg = np.broadcast_to(np.asarray(background, np.float32), (n,))
+    inner = g[:, h // 4 : h - h // 4, w // 4 : w - w // 4].reshape(n, -1)
+    cell_level = np.percentile(inner, 25, axis=1)
+    contrast = bg - cell_level
+    mask = g < (bg - level * contrast)[:, None, None]
+    mask &= (contrast >= 8)[:, None, None]
+    yy, xx = np.ogrid[:h, :w]
+    cx, cy, rx, ry = (ellipses[:, k, None, None].astype(np.float32) for k in range(4))
+    mask &= ((xx - cx) / (1.15 * rx)) ** 2 + ((yy - cy) / (1.15 * ry)) ** 2 <= 1
+    plane = np.zeros((3, 3, 3), bool)
+    plane[1] = True  # 4-connected within a crop, never across crops
+    plane[1, 0, 0] = plane[1, 0, 2] = plane[1, 2, 0] = plane[1, 2, 2] = False
+    mask = _dilate(_erode(mask))  # opening with a 3 x 3 cross: drops 1-px specks and bridges
+    labels, count = ndi.label(mask, structure=plane)
+    if count == 0:
+        return np.zeros((n, h, w), bool)
+    centre = labels[:, h // 2, w // 2].copy()
+    missing = np.nonzero(centre == 0)[0]
+    if len(missing):
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        sizes[0] = 0
+        for i in missing:  # no component at the centre (a ring-shaped mask): the crop's largest one
+            ids = np.unique(labels[i])
+            ids = ids[ids > 0]
+            if len(ids):
+                centre[i] = ids[np.argmax(sizes[ids])]
+    keep = np.zeros(count + 1, bool)
+    keep[centre[centre > 0]] = True
+    return _fill_holes(keep[labels], plane)
+
+
+def _erode(m: np.ndarray) -> np.ndarray:
+    """Binary erosion of each (N, H, W) plane with a 3 x 3 cross (outside counts as background)."""
+    out = m.copy()
+    out[:, 1:] &= m[:, :-1]
+    out[:, :-1] &= m[:, 1:]
+    out[:, :, 1:] &= m[:, :, :-1]
+    out[:, :, :-1] &= m[:, :, 1:]
+    out[:, 0] = out[:, -1] = out[:, :, 0] = out[:, :, -1] = False
+    return out
+
+
+def _dilate(m: np.ndarray) -> np.ndarray:
+    """Binary dilation of each (N, H, W) plane with a 3 x 3 cross."""
+    out = m.copy()
+    out[:, 1:] |= m[:, :-1]
+    out[:, :-1] |= m[:, 1:]
+    out[:, :, 1:] |= m[:, :, :-1]
+    out[:, :, :-1] |= m[:, :, 1:]
+    return out
+
+
+def _fill_holes(m: np.ndarray, plane: np.ndarray) -> np.ndarray:
+    """Fill holes in each plane: background components that do not touch the plane's edge become foreground.
+
+    One labelling of the background instead of scipy's iterative binary_fill_holes (~10x faster on a batch).
+    """
+    bg_labels, _ = ndi.label(~m, structure=plane)
+    edge = np.unique(np.concatenate([bg_labels[:, 0].ravel(), bg_labels[:, -1].ravel(),
+                                     bg_labels[:, :, 0].ravel(), bg_labels[:, :, -1].ravel()]))  # fmt: skip
+    return ~np.isin(bg_labels, edge[edge > 0]) | m

@@ -1,15 +1,17 @@
-"""The web service: a page to drop cell images on, and a small JSON API, with FastAPI and uvicorn.
+"""The web service: a page to drop cell images or a field photo on, and a small JSON API, with FastAPI and uvicorn.
 
 Routes: ``GET /`` (the page, static files under ``/static``), ``POST /api/v1/predict`` (multipart, field
-``files``, one or many), ``GET /api/v1/health``, ``GET /api/v1/model`` (model card and limits),
-``GET /openapi.json`` and ``GET /docs``. Nothing the pages load comes from outside this server (the machine may have
-no network): FastAPI's own /docs pulls Swagger UI from a CDN, so ``/docs`` here is a small local page that renders
-``/openapi.json`` itself.
+``files``, one or many cell images), ``POST /api/v1/smear`` (multipart, field ``file``: one field photo; every cell
+found, classified and counted, see :mod:`malaria_cells.smear`), ``GET /api/v1/health``, ``GET /api/v1/model``
+(model card, detector and limits), ``GET /openapi.json`` and ``GET /docs``. Nothing the pages load comes from
+outside this server (the machine may have no network): FastAPI's own /docs pulls Swagger UI from a CDN, so ``/docs``
+here is a small local page that renders ``/openapi.json`` itself.
 
 Every failure is a JSON ``{"error": {"code", "message"}}`` with a 4xx/5xx status, never a 500 for bad input; the
 codes and statuses come from the error objects (:class:`~malaria_cells.errors.MalariaCellsError`), never from their
 English messages. For ``/api/v1/predict`` the body always lists every file (``results``); the status is 200 when all
 files were classified, otherwise the status of the first file that failed, so a client can check one number.
+``/api/v1/smear`` takes one photo, so a bad photo is a plain error answer with that photo's status and code.
 
 How one request cannot stall the service, and how memory stays bounded:
 
@@ -24,6 +26,10 @@ How one request cannot stall the service, and how memory stays bounded:
   spend at most ``decode_timeout_s`` decoding.
 * Only the model call holds a model slot, in batches of ``model_batch`` small letterboxed images, and slots are
   granted in arrival order, so a one-cell request is served between a big request's batches.
+* A field photo (``/api/v1/smear``) is decoded in the same decoding threads under the same limits; detecting and
+  classifying its cells is one model call (~50-150 ms for a 1280 x 960 photo). A decoded photo is kept whole until
+  its answer is made (up to 120 MB at 40 MP), so at most ``workers + 1`` photos are decoded or analysed at once;
+  the others wait as spooled uploads.
 """
 
 from __future__ import annotations
@@ -31,19 +37,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import dataclasses
 import errno
+import functools
+import io
 import logging
 import math
 import os
 import socket
 import time
 import warnings
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
@@ -59,11 +68,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from malaria_cells import __version__
 from malaria_cells.errors import EXIT_UNAVAILABLE, ConfigError, MalariaCellsError
 from malaria_cells.predict import Classifier, ModelError, resolve_model
-from malaria_cells.preprocess import MAX_PIXELS, ImageError, webp_size
+from malaria_cells.preprocess import MAX_PIXELS, ImageError, decode_image, webp_size
+
+if TYPE_CHECKING:  # the smear modules load scipy: imported when the service starts, not with this module
+    from malaria_cells.detect import Detector
+    from malaria_cells.smear import FieldResult, SmearAnalyzer
 
 STATIC = Path(__file__).resolve().parent / "static"
 API = "/api/v1"
 PREDICT_PATH = f"{API}/predict"
+SMEAR_PATH = f"{API}/smear"
 DEFAULT_MAX_UPLOAD_MB = 10.0
 DEFAULT_MAX_FILES = 32
 # Decoded pixels per request, in megapixels: a cell is ~130x130 px, so 32 cells are 0.5 MP; 64 MP is one image at
@@ -82,6 +96,10 @@ DEFAULT_MODEL_BATCH = 8  # images per model call; a slot is released between bat
 DEFAULT_WORKERS = 1
 MULTIPART_OVERHEAD = 64 * 1024  # bytes per file allowed for multipart headers in the request-size limit
 RETRY_AFTER_S = 2  # what a 503 tells the client to wait, in seconds
+# Longest side of a smear overlay, px: a 40 MP photo drawn at full size is a ~50 MB PNG that no page can show; field
+# photos (1280 x 960 here, up to ~2500 px from common microscope cameras) are drawn at their own size.
+OVERLAY_MAX_SIDE = 2560
+DISCLAIMER = "Research and education use only; not a medical device and not for diagnosis."
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_BINDS = ("", "0.0.0.0", "::")
 # Pages may load only what this server serves; data: and blob: for the heatmaps and the local previews.
@@ -208,6 +226,16 @@ class ServeConfig:
         return self.max_files * (self.max_upload_bytes + MULTIPART_OVERHEAD)
 
     @property
+    def max_photo_request_bytes(self) -> int:
+        """Largest accepted field-photo request body (``/api/v1/smear`` takes one file)."""
+        return self.max_upload_bytes + MULTIPART_OVERHEAD
+
+    @property
+    def photo_slots(self) -> int:
+        """Field photos decoded or analysed at once: one per model slot plus one decoding ahead."""
+        return self.workers + 1
+
+    @property
     def max_inflight_bytes(self) -> int:
         """Upload bytes admitted at once."""
         if self.max_inflight_mb is None:
@@ -307,6 +335,84 @@ class PredictResponse(BaseModel):
     )
 
 
+class SmearCellResult(BaseModel):
+    """One cell found in a field photo."""
+
+    cell: int = Field(description="Index of the cell in this photo (detections, most confident first).")
+    x: int = Field(description="Box left edge, px of the uploaded photo.")
+    y: int = Field(description="Box top edge, px.")
+    w: int = Field(description="Box width, px.")
+    h: int = Field(description="Box height, px.")
+    area: int = Field(description="Pixels of the cell's mask, in the photo.")
+    on_border: bool = Field(description="Cut by the photo's edge: listed but not counted (counted in the next field).")
+    prob_parasitized: float | None = Field(
+        ge=0, le=1, description="P(Parasitized); null for a cell that was not classified (Unknown, Other)."
+    )
+    label: str = Field(
+        description="Parasitized or Uninfected (red cells, counted unless on_border); Other (a white cell, platelet "
+        "clump or debris: not counted) or Unknown (no usable cell outline: not classified, not counted)."
+    )
+    crop: str | None = Field(
+        default=None,
+        description="Only with crops=true: the classifier's input for this cell (the cell on black, the model's "
+        "input size) as a PNG data URL; null for cells that were not classified.",
+    )
+
+
+class SmearSummary(BaseModel):
+    """The photo's counts and parasitemia."""
+
+    cells: int = Field(description="Red cells counted: Parasitized or Uninfected and not cut by the border.")
+    infected: int = Field(description="Counted cells called Parasitized.")
+    parasitemia_pct: float | None = Field(description="infected / cells in %; null when no cell was counted.")
+    ci95_pct: list[float] | None = Field(
+        description="[low, high]: exact binomial 95 % interval of the parasitemia in %; null when no cell was counted."
+    )
+    border_cells: int = Field(description="Cells cut by the photo's edge (listed, not counted).")
+    unknown_cells: int = Field(description="Cells found but not classified (no usable outline; not counted).")
+    other_objects: int = Field(description="White cells, platelet clumps, debris found by the detector (not counted).")
+    warning: str | None = Field(description="Set when the result needs a look, e.g. 0 cells found.")
+
+
+class SmearModelSummary(BaseModel):
+    """The models that answered."""
+
+    name: str | None = Field(description="Cell classifier architecture, e.g. custom-cnn.")
+    backend: str = Field(description="onnx or torch.")
+    threshold: float = Field(description="Parasitized when P(Parasitized) >= threshold.")
+    detector: str = Field(description="The detector file's name.")
+    detector_threshold: float = Field(description="Heatmap probability above which a cell centre is a detection.")
+
+
+class SmearResponse(BaseModel):
+    """Every cell found in the photo, the counts, and (on request) the photo with the cells outlined."""
+
+    filename: str = Field(description="The upload's file name (or 'photo' when it has none).")
+    width: int = Field(description="The photo's width, px (boxes are in these pixels).")
+    height: int = Field(description="The photo's height, px.")
+    cells: list[SmearCellResult]
+    summary: SmearSummary
+    model: SmearModelSummary
+    overlay: str | None = Field(
+        default=None,
+        description="Only with overlay=true: the photo with each cell's box (infected red with its probability, "
+        "uninfected green, cut by the border grey, other objects purple, unknown yellow) as a PNG (or JPEG) data "
+        f"URL, at the photo's size (photos longer than {OVERLAY_MAX_SIDE} px: scaled to {OVERLAY_MAX_SIDE} px).",
+    )
+    disclaimer: str = Field(description="Research and education use only; not for diagnosis.")
+
+
+class DetectorInfo(BaseModel):
+    """The cell detector used by /api/v1/smear."""
+
+    source: str = Field(description="The detector file's name.")
+    threshold: float = Field(description="Heatmap probability of a cell centre.")
+    scale: float = Field(description="Photo scale the detector sees (0.25: a 1280 px photo becomes 320 px).")
+    cell_px: float = Field(description="Median cell side in the detector's training photos, px.")
+    trained_on: str = Field(description="What it was trained on.")
+    metrics: dict[str, Any] = Field(description="Its held-out detection metrics (recall, precision at IoU 0.5).")
+
+
 class ServiceLimits(BaseModel):
     """What one request may hold, and what the service admits at once."""
 
@@ -335,6 +441,7 @@ class ModelInfo(BaseModel):
     preprocessing: dict[str, Any] = Field(description="Input size (px), mean, std, resize method.")
     explainable: bool = Field(description="Whether heatmap=true gives Grad-CAM overlays (torch models).")
     disclaimer: str
+    detector: DetectorInfo | None = Field(default=None, description="The cell detector of /api/v1/smear.")
     limits: ServiceLimits
 
 
@@ -395,7 +502,10 @@ class ServiceState:
     hosts: tuple[str, ...]
     model: str | Path | None = None
     classifier: Classifier | None = None
+    detector: str | Path | Detector | None = None  # a file (None: the shipped one) until start() loads it
+    analyzer: SmearAnalyzer | None = None
     slots: ModelSlots | None = None
+    photo_slots: asyncio.Semaphore | None = None
     decode_pool: ThreadPoolExecutor | None = None
     model_pool: ThreadPoolExecutor | None = None
     requests_in_flight: int = 0
@@ -405,16 +515,29 @@ class ServiceState:
     owns_classifier: bool = False
 
     async def start(self) -> None:
-        """Load the model (unless one was given) and start the slots and thread pools."""
+        """Load the model and the cell detector (unless given) and start the slots and thread pools."""
+        from malaria_cells.detect import Detector
+        from malaria_cells.smear import SmearAnalyzer
+
         cfg = self.config
         if self.classifier is None:
             self.classifier = await run_in_threadpool(Classifier.load, self.model, threads=cfg.model_threads)
             self.owns_classifier = True
+        # The detector is small (~0.2 MB, loads in milliseconds): loaded now, so a bad --detector fails at start-up
+        # and the first photo does not pay for it.
+        det = self.detector
+        if not isinstance(det, Detector):
+            det = await run_in_threadpool(lambda: Detector(self.detector, threads=cfg.model_threads))
+        # keep_crops costs nothing more (the crops and the photo exist anyway; it keeps references) and is never
+        # switched per request, so concurrent requests cannot race on it.
+        self.analyzer = SmearAnalyzer(classifier=self.classifier, detector=det, keep_crops=True)
         self.slots = ModelSlots(cfg.workers)
+        self.photo_slots = asyncio.Semaphore(cfg.photo_slots)
         self.decode_pool = ThreadPoolExecutor(cfg.decoders, thread_name_prefix="serve-decode")
         self.model_pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="serve-model")
         clf = self.classifier
         log.info("model %s (%s) loaded from %s", clf.card.get("model"), clf.backend, clf.source)
+        log.info("cell detector loaded from %s (threshold %g)", det.path, det.meta.threshold)
 
     def stop(self) -> None:
         """Stop the thread pools (and the classifier's, if this service loaded it)."""
@@ -468,6 +591,15 @@ class ServiceState:
             decode_threads=cfg.decoders,
             refused_busy=self.refused_busy,
         )
+
+    def detector_info(self) -> DetectorInfo | None:
+        """The loaded detector, as /api/v1/model shows it."""
+        if self.analyzer is None:
+            return None
+        det = self.analyzer.detector
+        meta = det.meta.to_dict()
+        del meta["stride"]
+        return DetectorInfo(source=Path(det.path).name, **meta)
 
     def limits(self) -> ServiceLimits:
         """The limits, as /api/v1/model shows them."""
@@ -613,23 +745,37 @@ class BodyGuard:
 
     Checks Content-Length up front and counts streamed bytes too (a chunked upload has no length). The time runs
     from the moment the headers are in until the last body byte.
+
+    Args:
+        app: the wrapped application.
+        max_bytes: largest body.
+        timeout_s: most seconds to receive a body.
+        path_limits: a lower limit for some paths, with the advice its 413 message gives (one photo per request).
     """
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        timeout_s: float,
+        path_limits: dict[str, tuple[int, str]] | None = None,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = (
-            f"request body larger than {self.max_bytes / 1e6:.1f} MB (max files x max upload size); "
-            "send fewer or smaller files"
+        max_bytes, advice = self.path_limits.get(
+            scope["path"], (self.max_bytes, "max files x max upload size; send fewer or smaller files")
         )
+        too_large = f"request body larger than {max_bytes / 1e6:.1f} MB ({advice})"
         length = _content_length(scope)
-        if length is not None and length > self.max_bytes:
+        if length is not None and length > max_bytes:
             await _error(413, "request_too_large", too_large, headers={"Connection": "close"})(scope, receive, send)
             return
         deadline = asyncio.get_running_loop().time() + self.timeout_s
@@ -654,7 +800,7 @@ class BodyGuard:
                 ) from None
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > max_bytes:
                     raise ServiceHTTPError(413, "request_too_large", too_large, headers={"Connection": "close"})
                 body_done = not msg.get("more_body", False)
             return msg
@@ -672,23 +818,27 @@ class BodyGuard:
 
 
 class Admission:
-    """ASGI middleware: admit predictions while the count and upload-byte budgets allow, else 503 + Retry-After.
+    """ASGI middleware: admit predictions and field photos while the count and upload-byte budgets allow, else 503
+    + Retry-After.
 
     Runs before the body is read, so a refused upload costs nothing. A request without Content-Length is counted
-    at the largest request size.
+    at the largest request size of its route.
     """
 
     def __init__(self, app: ASGIApp, *, state: ServiceState) -> None:
         self.app = app
         self.state = state
+        cfg = state.config
+        self.largest = {PREDICT_PATH: cfg.max_request_bytes, SMEAR_PATH: cfg.max_photo_request_bytes}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != PREDICT_PATH:
+        largest = self.largest.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if largest is None:
             await self.app(scope, receive, send)
             return
         cfg = self.state.config
         length = _content_length(scope)
-        nbytes = cfg.max_request_bytes if length is None else min(length, cfg.max_request_bytes)
+        nbytes = largest if length is None else min(length, largest)
         if not self.state.try_admit(nbytes):
             message = (
                 f"server busy: {self.state.requests_in_flight} request(s), "
@@ -707,7 +857,20 @@ class Admission:
 # --------------------------------------------------------------------------------------------- exception handlers
 
 
-async def _on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if request.url.path == SMEAR_PATH:
+        errors = [e for e in exc.errors() if tuple(e.get("loc") or ())[:2] == ("body", "file")]
+        if any(e.get("type") == "missing" for e in errors):
+            return _error(
+                400, "no_files", "no photo in the request: send multipart/form-data with one part named 'file'"
+            )
+        if errors:
+            return _error(
+                400,
+                "not_a_file",
+                "the part named 'file' is a plain form field, not a file (its Content-Disposition has no filename); "
+                'send the photo as a file part: Content-Disposition: form-data; name="file"; filename="field.jpg"',
+            )
     locs = [tuple(e.get("loc") or ()) for e in exc.errors()]
     if any(loc[-1:] == ("files",) for loc in locs):
         return _error(
@@ -772,7 +935,7 @@ class _Upload:
     file: BinaryIO
     nbytes: int = 0
     pixels: int | None = None  # from the header, None when the header cannot be read (decoding says why)
-    prepared: np.ndarray | None = None  # the letterboxed uint8 model input
+    prepared: np.ndarray | None = None  # the letterboxed uint8 model input (for a field photo: the whole photo)
     failure: FileFailure | None = None
 
     def fail(self, status: int, code: str, message: str) -> None:
@@ -800,8 +963,14 @@ def _inspect(upload: _Upload) -> None:
     upload.pixels = size[0] * size[1] if size else None
 
 
-def _decode(clf: Classifier, upload: _Upload) -> np.ndarray | ImageError:
-    """Read one upload, decode and letterbox it, and drop its bytes and spooled file (runs in a thread)."""
+def _decode_photo(data: bytes, *, name: str) -> np.ndarray:
+    """A field photo's bytes to uint8 (H, W, 3) RGB, whole (not letterboxed), with :func:`decode_image`'s checks."""
+    return np.asarray(decode_image(data, name=name))
+
+
+def _decode(convert: Callable[..., np.ndarray], upload: _Upload) -> np.ndarray | ImageError:
+    """Read one upload, decode it with ``convert(data, name=...)``, and drop its bytes and spooled file (runs in a
+    thread)."""
     try:
         upload.file.seek(0)
         data = upload.file.read()
@@ -810,7 +979,7 @@ def _decode(clf: Classifier, upload: _Upload) -> np.ndarray | ImageError:
     finally:
         upload.file.close()  # the temporary file (or its RAM copy) goes now, not at the end of the request
     try:
-        return clf.prepare(data, name=upload.name)
+        return convert(data, name=upload.name)
     except ImageError as e:
         return e
 
@@ -836,18 +1005,27 @@ def _admit_pixels(uploads: list[_Upload], cfg: ServeConfig) -> list[_Upload]:
     return todo
 
 
-async def _decode_all(state: ServiceState, uploads: list[_Upload]) -> None:
-    """Decode the uploads in the shared decoding threads, ``decode_window`` at a time, within the time budget."""
+async def _decode_all(
+    state: ServiceState, uploads: list[_Upload], convert: Callable[..., np.ndarray] | None = None
+) -> None:
+    """Decode the uploads in the shared decoding threads, ``decode_window`` at a time, within the time budget.
+
+    Args:
+        state: the service.
+        uploads: the files to decode; each gets ``prepared`` or ``failure``.
+        convert: bytes to array, called as ``convert(data, name=...)`` (default: the classifier's letterboxing).
+    """
     cfg = state.config
     clf = state.classifier
     loop = asyncio.get_running_loop()
     assert clf is not None and state.decode_pool is not None
+    convert = convert or clf.prepare
     start = time.monotonic()
 
     async def one(u: _Upload) -> None:
         state.decodes_in_progress += 1
         try:
-            out = await loop.run_in_executor(state.decode_pool, _decode, clf, u)
+            out = await loop.run_in_executor(state.decode_pool, _decode, convert, u)
         finally:
             state.decodes_in_progress -= 1
         if isinstance(out, ImageError):
@@ -930,7 +1108,7 @@ async def model_info(state: State) -> ModelInfo:
             503, "loading", "the model is still loading; retry in a moment", headers={"Retry-After": "1"}
         )
     card = {**clf.card, "source": Path(clf.source).name}  # the file name, not the server's directory layout
-    return ModelInfo(**card, limits=state.limits())
+    return ModelInfo(**card, detector=state.detector_info(), limits=state.limits())
 
 
 async def predict(
@@ -982,6 +1160,165 @@ async def predict(
     status = failed[0].status if failed else 200
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     return JSONResponse(payload, status_code=status, headers=headers)
+
+
+async def smear(
+    state: State,
+    request: Request,
+    file: Annotated[UploadFile, File(description="One field photo of a thin smear (JPEG, PNG, TIFF, WebP).")],
+    overlay: Annotated[bool, Query(description="Add the photo with every cell outlined, as a data URL.")] = False,
+    overlay_format: Annotated[
+        Literal["png", "jpeg"],
+        Query(description="The overlay's encoding: png (lossless, ~1.3 MB for 1280 x 960 px) or jpeg (~0.25 MB)."),
+    ] = "png",
+    crops: Annotated[
+        bool, Query(description="Add each cell's classifier input (the cell on black) as a PNG data URL.")
+    ] = False,
+) -> JSONResponse:
+    """Find, classify and count the red blood cells of one field photo."""
+    cfg, analyzer = state.config, state.analyzer
+    if analyzer is None or state.slots is None or state.photo_slots is None or state.model_pool is None:
+        return _error(503, "loading", "the model is still loading; retry in a moment", headers={"Retry-After": "1"})
+    parts = (await request.form()).getlist("file")  # FastAPI parsed the form already: this is its cached copy
+    if len(parts) > 1:
+        return _error(400, "too_many_files", f"{len(parts)} parts named 'file'; send one field photo per request")
+    upload = _Upload(name=file.filename or "photo", file=file.file)
+    await run_in_threadpool(_inspect, upload)  # header only: size and pixel count
+    loop = asyncio.get_running_loop()
+    # A decoded photo is held until its answer is made: the photo slots bound how many are in memory at once.
+    async with state.photo_slots:
+        await _decode_all(state, _admit_pixels([upload], cfg), convert=_decode_photo)
+        if upload.failure is not None:
+            err = upload.failure.error
+            retry = {"Retry-After": str(RETRY_AFTER_S)} if upload.failure.status == 503 else None
+            return _error(upload.failure.status, err.code, err.message, headers=retry)
+        rgb, upload.prepared = upload.prepared, None
+        assert rgb is not None
+        # Detection and classification are one model call: the slot is held ~50-150 ms for a 1280 x 960 photo.
+        async with state.slots.hold():
+            result = await loop.run_in_executor(
+                state.model_pool, functools.partial(analyzer.analyze_array, rgb, name=upload.name)
+            )
+        # Drawing and encoding the overlay and crops is not model work: done in a decoding thread, slot released.
+        fmt = overlay_format if overlay else None
+        answer = functools.partial(smear_body, result, analyzer, overlay=fmt, crops=crops)
+        body = await loop.run_in_executor(state.decode_pool, answer)
+    return JSONResponse(body)
+
+
+def _data_url(img: Image.Image, fmt: str) -> str:
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        img.save(buf, format="JPEG", quality=90)
+    else:
+        # Fastest zlib level: 4x quicker than the default for 20 % more bytes; CPU is what a busy server lacks.
+        img.save(buf, format="PNG", compress_level=1)
+    mime = "image/jpeg" if fmt == "jpeg" else "image/png"
+    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def smear_overlay(result: FieldResult, *, fmt: str = "png") -> str:
+    """The photo with every cell's box drawn (:func:`malaria_cells.overlay.draw_overlay`), as a data URL.
+
+    Args:
+        result: an analysed photo, with its ``photo`` kept.
+        fmt: ``png`` or ``jpeg``.
+
+    Returns:
+        The data URL; photos longer than :data:`OVERLAY_MAX_SIDE` px are drawn scaled down to it.
+    """
+    from malaria_cells.overlay import draw_overlay
+
+    assert result.photo is not None
+    photo = Image.fromarray(result.photo)
+    cells: Sequence[Any] = result.cells
+    k = OVERLAY_MAX_SIDE / max(photo.size)
+    if k < 1:
+        photo = photo.resize((max(1, round(photo.width * k)), max(1, round(photo.height * k))), Image.BILINEAR)
+        cells = [
+            dataclasses.replace(c, x=round(c.x * k), y=round(c.y * k), w=round(c.w * k), h=round(c.h * k))
+            for c in result.cells
+        ]
+    return _data_url(draw_overlay(photo, cells), fmt)
+
+
+def smear_body(
+    result: FieldResult, analyzer: SmearAnalyzer, *, overlay: str | None = None, crops: bool = False
+) -> dict[str, Any]:
+    """The JSON answer of ``/api/v1/smear`` for one analysed photo.
+
+    Args:
+        result: the photo's result (with ``photo`` and ``crops`` kept when an overlay or crops are asked for).
+        analyzer: the analyzer that made it (model names and thresholds).
+        overlay: ``png`` or ``jpeg`` to add the overlay; None for none.
+        crops: add each cell's classifier input as a PNG data URL.
+
+    Returns:
+        A :class:`SmearResponse` as JSON-ready data, without ``overlay`` or ``crop`` keys unless asked for.
+    """
+    clf, det = analyzer.classifier, analyzer.detector
+    cells = []
+    for c in result.cells:
+        known = not math.isnan(c.prob_parasitized)  # Unknown and Other cells have no probability
+        crop = None
+        if crops and known and result.crops is not None:
+            crop = _data_url(Image.fromarray(result.crops[c.cell]), "png")
+        cells.append(
+            SmearCellResult(
+                cell=c.cell, x=c.x, y=c.y, w=c.w, h=c.h, area=c.area, on_border=c.on_border,
+                prob_parasitized=round(float(c.prob_parasitized), 6) if known else None, label=c.label, crop=crop,
+            )
+        )  # fmt: skip
+    p = result.parasitemia
+    row = result.to_row()  # the fields.csv row of `malaria-cells smear`: the same counts, by the same rules
+    pct = lambda v: None if math.isnan(v) else round(100 * v, 4)  # noqa: E731
+    body = SmearResponse(
+        filename=result.image,
+        width=result.width,
+        height=result.height,
+        cells=cells,
+        summary=SmearSummary(
+            cells=result.n_cells,
+            infected=result.n_infected,
+            parasitemia_pct=pct(p.estimate),
+            ci95_pct=None if math.isnan(p.estimate) else [pct(p.low), pct(p.high)],
+            border_cells=row["border_cells"],
+            unknown_cells=row["unknown_cells"],
+            other_objects=row.get("other_objects", 0),
+            warning=result.warning,
+        ),
+        model=SmearModelSummary(
+            name=clf.card.get("model"),
+            backend=clf.backend,
+            threshold=analyzer.threshold,
+            detector=Path(det.path).name,
+            detector_threshold=det.meta.threshold,
+        ),
+        overlay=smear_overlay(result, fmt=overlay) if overlay else None,
+        disclaimer=str(clf.card.get("disclaimer") or DISCLAIMER),
+    )
+    payload = body.model_dump(mode="json")
+    if not overlay:
+        del payload["overlay"]
+    if not crops:
+        for c in payload["cells"]:
+            del c["crop"]
+    return payload
+
+
+def _smear_description(cfg: ServeConfig) -> str:
+    return (
+        "Multipart form with one part named `file`: a photo of one microscope field of a Giemsa-stained thin "
+        "smear. Every red blood cell is found (a small detector), cut out and classified; cells cut by the photo's "
+        "edge are listed but not counted. `summary` gives the counts and the parasitemia with its exact 95 % "
+        "interval; a photo where no cell is found is still a 200, with `summary.warning` set. `overlay=true` adds the "
+        "photo with the boxes drawn (`overlay_format=jpeg` for a smaller one), `crops=true` each cell's classifier "
+        "input. Box coordinates are pixels of the uploaded photo as stored (EXIF rotation is not applied).\n\n"
+        f"Limits: one photo per request, {cfg.max_upload_bytes / 1e6:g} MB, {MAX_PIXELS / 1e6:g} megapixels "
+        f"(and at most {cfg.max_request_pixels / 1e6:g} megapixels per request), {cfg.decode_timeout_s:g} s of "
+        "decoding; bad uploads get the same statuses and codes as /api/v1/predict (a plain error answer). Requests "
+        f"share the admission limits of /api/v1/predict ({cfg.max_requests} at once; beyond, 503 `server_busy`)."
+    )
 
 
 def _predict_description(cfg: ServeConfig) -> str:
@@ -1051,6 +1388,29 @@ def api_router(cfg: ServeConfig) -> APIRouter:
             },
         },
     )
+    router.add_api_route(
+        "/smear",
+        smear,
+        methods=["POST"],
+        response_model=SmearResponse,
+        summary="Count the infected red blood cells of one field photo (parasitemia)",
+        description=_smear_description(cfg),
+        responses={
+            400: {"model": ErrorResponse, "description": "no photo (no_files), a plain field (not_a_file), two photos"},
+            408: {"model": ErrorResponse, "description": "the body was not received in time"},
+            413: {
+                "model": ErrorResponse,
+                "description": "the photo is too large (request_too_large, file_too_large, too_many_pixels, "
+                "request_too_many_pixels)",
+            },
+            415: {"model": ErrorResponse, "description": "not an image (not_an_image)"},
+            422: {
+                "model": ErrorResponse,
+                "description": "an unusable photo (empty_file, unreadable_image, image_too_small) or a bad parameter",
+            },
+            503: {"model": ErrorResponse, "description": "server busy (server_busy) or decoding ran out of time"},
+        },
+    )
     return router
 
 
@@ -1071,15 +1431,18 @@ def create_app(
     *,
     model: str | Path | None = None,
     classifier: Classifier | None = None,
+    detector: str | Path | Detector | None = None,
     host: str = "127.0.0.1",
     config: ServeConfig | None = None,
     **options: Any,
 ) -> FastAPI:
-    """Build the app; the model is loaded once, at start-up (lifespan), unless a classifier is given.
+    """Build the app; the model and the cell detector are loaded once, at start-up (lifespan), unless given.
 
     Args:
         model: an ``.onnx`` file or a run folder (``None``: ``$MALARIA_CELLS_MODEL`` or the shipped default).
         classifier: an already loaded classifier (tests); wins over ``model``.
+        detector: the cell detector of ``/api/v1/smear``: an ``.onnx`` file or a loaded
+            :class:`~malaria_cells.detect.Detector` (``None``: ``$MALARIA_CELLS_DETECTOR`` or the shipped one).
         host: the interface the server binds; its name is served besides localhost (see ``allowed_hosts``).
         config: the limits; or give them as keyword arguments (``max_upload_mb=1``, ...; see :class:`ServeConfig`).
         **options: :class:`ServeConfig` fields, when ``config`` is not given.
@@ -1093,12 +1456,15 @@ def create_app(
     if config is not None and options:
         raise ConfigError("give create_app either config= or limits as keyword arguments, not both")
     cfg = config or ServeConfig(**options)
-    state = ServiceState(config=cfg, hosts=cfg.served_hosts(host), model=model, classifier=classifier)
+    state = ServiceState(
+        config=cfg, hosts=cfg.served_hosts(host), model=model, classifier=classifier, detector=detector
+    )
     app = FastAPI(
         title="malaria-cells",
         version=__version__,
-        summary="Classify thin-smear red blood cell images as Parasitized or Uninfected.",
-        description="Research and education use only; not a medical device and not for diagnosis.\n\n"
+        summary="Classify thin-smear red blood cell images as Parasitized or Uninfected, and count the parasitemia "
+        "of a field photo.",
+        description=f"{DISCLAIMER}\n\n"
         f"Limits: {cfg.max_files} files per request, {cfg.max_upload_bytes / 1e6:g} MB per file, "
         f"{MAX_PIXELS / 1e6:g} MP per image, {cfg.max_request_pixels / 1e6:g} MP per request; "
         f"{cfg.max_requests} requests at once. Served host names: {', '.join(state.hosts)}.",
@@ -1116,7 +1482,12 @@ def create_app(
     app.add_exception_handler(Exception, _on_unexpected)
     # Added innermost first: a request meets SecurityHeaders, then HostCheck, BodyGuard, Admission.
     app.add_middleware(Admission, state=state)
-    app.add_middleware(BodyGuard, max_bytes=cfg.max_request_bytes, timeout_s=cfg.body_timeout_s)
+    app.add_middleware(
+        BodyGuard,
+        max_bytes=cfg.max_request_bytes,
+        timeout_s=cfg.body_timeout_s,
+        path_limits={SMEAR_PATH: (cfg.max_photo_request_bytes, "one photo per request, at most max upload size")},
+    )
     app.add_middleware(HostCheck, allowed=state.hosts)
     app.add_middleware(SecurityHeaders)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -1231,6 +1602,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def serve(
     *,
     model: str | Path | None = None,
+    detector: str | Path | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     config: ServeConfig | None = None,
@@ -1240,6 +1612,7 @@ def serve(
 
     Args:
         model: an ``.onnx`` file or run folder (``None``: ``$MALARIA_CELLS_MODEL`` or the shipped default).
+        detector: the cell detector ``.onnx`` (``None``: ``$MALARIA_CELLS_DETECTOR`` or the shipped one).
         host: interface to bind (127.0.0.1: this machine only).
         port: TCP port.
         config: the limits; or give them as keyword arguments (see :class:`ServeConfig`).
@@ -1247,7 +1620,7 @@ def serve(
 
     Raises:
         ConfigError: a limit or the port out of range (exit code 2), before anything is loaded.
-        ModelError: no usable model (exit code 2).
+        ModelError: no usable model or detector (exit code 2).
         ServeUnavailableError: the port cannot be bound (exit code 4).
     """
     import uvicorn
@@ -1255,10 +1628,13 @@ def serve(
     check_port(port)
     cfg = config or ServeConfig(**options)
     resolve_model(model)  # a missing model is a clear error here, not a traceback from the start-up hook
+    from malaria_cells.detect import resolve_detector
+
+    resolve_detector(detector)  # the same for a missing detector
     sock = bind_socket(host, port)  # a port in use is a clear error here, before the model loads
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    app = create_app(model=model, host=host, config=cfg)
+    app = create_app(model=model, detector=detector, host=host, config=cfg)
     if host.strip("[]") in WILDCARD_BINDS and not cfg.allowed_hosts:
         log.warning(
             "listening on all interfaces, but only requests naming %s are served; add --allowed-host NAME for each "
