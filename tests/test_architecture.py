@@ -37,7 +37,7 @@ LEVELS: dict[str, int] = {
     # 4: the commands' library functions
     **dict.fromkeys(("train", "evaluate", "export", "explain", "predict", "ensemble", "card", "reproduce"), 4),
     # 4: field photos: the detector's trainer, the smear pipeline (above predict's Classifier) and its evaluation
-    **dict.fromkeys(("detect_train", "smear", "smear_eval"), 4),
+    **dict.fromkeys(("detect_train", "smear", "smear_eval", "adapt"), 4),
     # 5: the web service
     "serve": 5,
     # 6: the command line, its terminal rendering and its output formats (only the CLI imports these)

@@ -776,6 +776,58 @@ def smear_eval_cmd(
     console.print(f"[green]wrote[/] {out}/metrics.json, report.md")
 
 
+@app.command("adapt")
+def adapt_cmd(
+    model: Annotated[Path, typer.Option("--model", "-m", help="The run folder to adapt (its torch weights).")],
+    data: Annotated[
+        Path, typer.Option(help="The lab's field photos (with --annotations) or a folder of labelled cells.")
+    ],
+    out: Annotated[Path, typer.Option(help="The adapted run folder (with model.onnx).")],
+    annotations: Annotated[
+        Path | None, typer.Option(help="Boxes of the photos: the IML share's JSON or COCO JSON.")
+    ] = None,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Fine-tuning epochs (the best on the lab's validation photos).")
+    ] = 8,
+    val_fraction: Annotated[
+        float, typer.Option(min=0.05, max=0.45, help="Photos choosing epoch and thresholds.")
+    ] = 0.2,
+    test_fraction: Annotated[float, typer.Option(min=0, max=0.45, help="Photos held out for before/after.")] = 0.2,
+    target_specificity: Annotated[
+        float, typer.Option(min=0.5, max=0.9999, help="Specificity of the high-specificity operating point.")
+    ] = 0.995,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Fine-tune a model on a lab's labelled cells; thresholds chosen on held-out photos of that lab.
+
+    Photos are split by consecutive names into train / validation / test blocks. The adapted run's threshold is the
+    high-specificity point (for low-prevalence smears); the balanced and high-sensitivity points are stored beside it.
+    """
+    from rich.table import Table
+
+    from malaria_cells.adapt import AdaptConfig, adapt
+    from malaria_cells.terminal import console
+
+    cfg = AdaptConfig(
+        epochs=epochs, val_fraction=val_fraction, test_fraction=test_fraction,
+        target_specificity=target_specificity, seed=seed,
+    )  # fmt: skip
+    result = adapt(run=model, data=data, annotations=annotations, out=out, config=cfg)
+    test = result.report.get("test")
+    if test:
+        t = Table(title="the lab's test photos (95 % CI over photos)")
+        for col in ("model, threshold", "ROC-AUC", "sensitivity", "specificity", "parasitemia called / true %"):
+            t.add_column(col, justify="left" if col.startswith("model") else "right")
+        for name, m in test.items():
+            ci = lambda d: f"{d['value']:.3f} ({d['low']:.3f}–{d['high']:.3f})"  # noqa: E731
+            t.add_row(
+                f"{name} ({m['threshold']:.3f})", ci(m["roc_auc"]), ci(m["sensitivity"]), ci(m["specificity"]),
+                f"{m['parasitemia_called_pct']:.2f} / {m['parasitemia_true_pct']:.2f}",
+            )  # fmt: skip
+        console.print(t)
+    console.print(f"[green]wrote[/] {result.out} (threshold {result.threshold:.4f}) and {result.onnx}")
+
+
 @detector_app.command("train")
 def detector_train_cmd(
     photos: Annotated[Path, typer.Argument(help="Folder of field photos.")],

@@ -1,0 +1,101 @@
+"""Adapting a model to a lab: operating points by hand, block splits, and the adapt command end to end on a small
+synthetic lab (a run trained on synthetic cells, field photos of drawn cells with boxes)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from malaria_cells.adapt import AdaptConfig, adapt, block_split, operating_points
+from malaria_cells.config import resolve_config
+from malaria_cells.errors import ConfigError
+from malaria_cells.run import Run
+from malaria_cells.train import train
+
+
+def test_operating_points_by_hand():
+    y = np.array([0] * 10 + [1] * 4)
+    p = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.5, 0.3, 0.6, 0.7, 0.9])
+    pts = operating_points(y, p, specificity=0.9, sensitivity=0.75)
+    # specificity 0.9 = 9 of 10 negatives below the threshold: just above 0.09
+    assert 0.09 < pts["high_specificity"] <= 0.0901
+    assert ((p[y == 0] < pts["high_specificity"]).mean()) >= 0.9
+    # sensitivity 0.75 = 3 of 4 positives at or above: 0.6
+    assert pts["high_sensitivity"] == 0.6 and (p[y == 1] >= 0.6).mean() == 0.75
+    assert 0 < pts["balanced"] < 1
+
+
+def test_block_split_keeps_consecutive_photos_together():
+    groups = np.array([f"P{i:03d}.jpg" for i in range(20) for _ in range(3)])
+    s = block_split(groups, val_fraction=0.2, test_fraction=0.2)
+    order = [s[f"P{i:03d}.jpg"] for i in range(20)]
+    assert order == ["train"] * 12 + ["val"] * 4 + ["test"] * 4
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ConfigError):
+        AdaptConfig(val_fraction=0.5)
+    with pytest.raises(ConfigError):
+        AdaptConfig(epochs=0)
+
+
+def _lab(tmp_path, n_photos: int = 10) -> tuple:
+    """Drawn field photos (pink disks; every 4th cell with a purple dot = infected) and their boxes (IML layout)."""
+    folder = tmp_path / "lab"
+    folder.mkdir()
+    entries = []
+    for k in range(n_photos):
+        img = np.empty((320, 480, 3), np.uint8)
+        img[:] = (222, 228, 218)
+        yy, xx = np.mgrid[:320, :480]
+        objs = []
+        for j, (cy, cx) in enumerate((y, x) for y in range(50, 300, 70) for x in range(50, 460, 70)):
+            r = 26
+            disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            img[disk] = (190, 140, 165)
+            infected = (j + k) % 4 == 0
+            if infected:
+                img[(yy - cy - 5) ** 2 + (xx - cx + 4) ** 2 <= 36] = (80, 20, 110)
+            objs.append({"type": "ring" if infected else "red blood cell",
+                         "bbox": {"x": str(cx - r), "y": str(cy - r), "w": str(2 * r), "h": str(2 * r)}})  # fmt: skip
+        name = f"F{k:03d}.png"
+        Image.fromarray(img).save(folder / name)
+        entries.append({"image_name": name, "objects": objs})
+    ann = tmp_path / "boxes.json"
+    ann.write_text(json.dumps(entries))
+    return folder, ann
+
+
+@pytest.fixture()
+def small_run(tmp_path, synthetic_data):
+    cfg = resolve_config(overrides=dict(model="custom-cnn", input_size=32, batch_size=16, epochs=2, threads=1))
+    return train(config=cfg, data_dir=synthetic_data, run_dir=tmp_path / "base")
+
+
+def test_adapt_writes_a_run_with_operating_points_and_a_report(tmp_path, small_run):
+    photos, ann = _lab(tmp_path)
+    out = tmp_path / "adapted"
+    cfg = AdaptConfig(epochs=2, batch_size=16, val_fraction=0.3, test_fraction=0.2, threads=1)
+    result = adapt(run=small_run, data=photos, annotations=ann, out=out, config=cfg, n_boot=50)
+    run = Run.open(out)
+    pts = run.meta.to_dict()["operating_points"]
+    assert set(pts) == {"balanced", "high_specificity", "high_sensitivity"}
+    assert run.meta.threshold == pts["high_specificity"] == result.threshold
+    assert run.meta.to_dict()["adapted"]["from_run"] == str(small_run)
+    assert result.onnx.is_file()
+    split = (out / "lab_split.csv").read_text().splitlines()[1:]
+    assert [line.split(",")[1] for line in split] == ["train"] * 5 + ["val"] * 3 + ["test"] * 2
+    test = result.report["test"]
+    assert "after, high-specificity point chosen on lab val" in test
+    for m in test.values():
+        assert m["photos"] == 2 and 0 <= m["roc_auc"]["value"] <= 1
+    # the adapted model loads like any other: predict and smear take it
+    from malaria_cells.predict import Classifier
+
+    clf = Classifier.load(result.onnx)
+    assert clf.threshold == pytest.approx(result.threshold)
+    with pytest.raises(FileExistsError):
+        adapt(run=small_run, data=photos, annotations=ann, out=out, config=cfg)
