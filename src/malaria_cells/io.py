@@ -33,8 +33,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         write(Path(tmp))
+        # mkstemp makes 0600 (and a writer that recreates the file may too): give it the permissions open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)  # atomic on POSIX within one file system
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
