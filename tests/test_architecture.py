@@ -23,7 +23,20 @@ PACKAGE = "malaria_cells"
 LEVELS: dict[str, int] = {
     # 0: foundations, importing nothing of the package above them
     **dict.fromkeys(
-        ("__init__", "errors", "io", "metrics", "preprocess", "segment", "progress", "fetch", "boxes", "overlay"), 0
+        (
+            "__init__",
+            "errors",
+            "io",
+            "metrics",
+            "preprocess",
+            "segment",
+            "progress",
+            "fetch",
+            "boxes",
+            "overlay",
+            "ood",
+        ),
+        0,
     ),
     # 1: data, models and their plain helpers
     **dict.fromkeys(

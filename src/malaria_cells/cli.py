@@ -447,6 +447,14 @@ def predict_cmd(
     header: Annotated[
         bool, typer.Option(help="Write the CSV header line (--no-header for shards after the first).")
     ] = True,
+    raw_labels: Annotated[
+        bool,
+        typer.Option(
+            "--raw-labels",
+            help="Keep the model's label for inputs that do not look like a single stained cell on black (they are "
+            "labelled Unknown by default; the flag column says why either way).",
+        ),
+    ] = False,
 ) -> None:
     """Classify cell images; a file that cannot be read gets a row with its error and the rest go on.
 
@@ -486,7 +494,9 @@ def predict_cmd(
         stop - start, batch_size=batch_size, threads=threads, decode_processes=decode_processes
     )
     # An unusable model raises ModelError: one line naming the file, exit code 2 (see _guarded).
-    clf = Classifier.load(model, threads=threads, decode_processes=decode_processes)
+    clf = Classifier.load(
+        model, threads=threads, decode_processes=decode_processes, unknown_when_flagged=not raw_labels
+    )
     failed = total = 0
 
     def counted(preds):

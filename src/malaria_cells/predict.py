@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from malaria_cells.preprocess import (
     load_image,
     to_rgb,
 )
-from malaria_cells.progress import workers
+from malaria_cells.progress import available_cores, workers
 
 # The model's names are re-exported (callers knew them here and catch predict.ModelError).
 __all__ = [
@@ -77,6 +76,9 @@ DECODE_PROCESSES_FROM_BATCHES = 4
 
 ImageInput = str | Path | bytes | Image.Image | np.ndarray | UnreadableInput
 
+# The label of an input that does not look like a training cell (see malaria_cells.ood); its flag says why.
+UNKNOWN = "Unknown"
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -93,6 +95,8 @@ class Prediction:
     error: str | None = None
     error_code: str | None = None  # e.g. "not_an_image", "image_too_small", "file_unreadable"
     error_status: int | None = None  # the HTTP status of that code (415, 413, 422)
+    flag: str = ""  # why the input does not look like a training cell ("grayscale", ...; see malaria_cells.ood)
+    raw_label: str | None = None  # the model's label, also when ``label`` is "Unknown" because of the flag
 
     @property
     def ok(self) -> bool:
@@ -109,7 +113,16 @@ class Prediction:
             "error": self.error,
             "error_code": self.error_code,
             "error_status": self.error_status,
+            "flag": self.flag,
+            "raw_label": self.raw_label,
         }
+
+
+class _Ready(NamedTuple):
+    """A prepared input (picklable: it comes back from the decoding processes)."""
+
+    array: np.ndarray  # letterboxed uint8 (S, S, 3)
+    flag: str  # "" or the reason it is unlike the training cells
 
 
 class _Failure(NamedTuple):
@@ -172,6 +185,7 @@ class Classifier:
         source: str,
         threads: int | None = None,
         decode_processes: int = 0,
+        unknown_when_flagged: bool = True,
     ) -> None:
         """Wrap a backend.
 
@@ -180,12 +194,15 @@ class Classifier:
             source: where it came from (shown in the card).
             threads: decoding threads (default: all cores).
             decode_processes: see :meth:`load`.
+            unknown_when_flagged: label an input that does not look like a training cell "Unknown" (its flag says
+                why; ``raw_label`` keeps the model's answer). False keeps the model's label, with the flag.
         """
+        self.unknown_when_flagged = unknown_when_flagged
         meta = backend.meta
         self._backend = backend
         # Decoding threads: imagecodecs (WebP) and Pillow (other formats, resizing) release the GIL while they
         # work, so a batch of files decodes on every core (end to end, decoding costs about as much as the model).
-        n = threads or os.cpu_count() or 1
+        n = threads or available_cores()
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="decode") if n > 1 else None  # threads start on use
         # Decoding processes for streams of files (see iter_predict): letterboxing holds the GIL for part of its
         # time, so threads cannot keep the cores busy; processes can, and they decode the next batch while the
@@ -207,7 +224,12 @@ class Classifier:
 
     @classmethod
     def load(
-        cls, model: str | Path | None = None, *, threads: int | None = None, decode_processes: int = 0
+        cls,
+        model: str | Path | None = None,
+        *,
+        threads: int | None = None,
+        decode_processes: int = 0,
+        unknown_when_flagged: bool = True,
     ) -> Classifier:
         """Load an ONNX file (onnxruntime) or a run folder (torch).
 
@@ -218,6 +240,7 @@ class Classifier:
             decode_processes: worker processes that decode image files for :meth:`iter_predict` (0: none, decode
                 in this process with threads). Worth it for thousands of files (each process takes ~0.3 s to
                 start); :func:`decode_plan` picks them for a number of files.
+            unknown_when_flagged: see :class:`Classifier`.
 
         Returns:
             The classifier.
@@ -227,7 +250,13 @@ class Classifier:
         """
         path = resolve_model(model)
         backend = load_backend(path, threads=threads)
-        return cls(backend, source=str(path), threads=threads, decode_processes=decode_processes)
+        return cls(
+            backend,
+            source=str(path),
+            threads=threads,
+            decode_processes=decode_processes,
+            unknown_when_flagged=unknown_when_flagged,
+        )
 
     @property
     def explainable(self) -> bool:
@@ -261,6 +290,20 @@ class Classifier:
             ImageError: unusable image, with the reason.
         """
         return letterbox(to_image(image, name=name), self.prep.input_size)
+
+    def prepare_checked(self, image: ImageInput, *, name: str = "<image>") -> tuple[np.ndarray, str]:
+        """:meth:`prepare` plus the input's out-of-distribution flag (see :mod:`malaria_cells.ood`).
+
+        Returns:
+            (uint8 (S, S, 3), "" or the reason the image is unlike the training cells).
+
+        Raises:
+            ImageError: unusable image, with the reason.
+        """
+        out = _prepared(image, name=name, size=self.prep.input_size)
+        if isinstance(out, _Failure):
+            raise ImageError(out.message, code=out.code, status=out.status)
+        return out.array, out.flag
 
     def predict_prepared(self, batch_u8: np.ndarray) -> np.ndarray:
         """P(Parasitized) for a batch of already letterboxed uint8 images (N, S, S, 3).
@@ -374,11 +417,11 @@ class Classifier:
             for a in range(0, len(chunk), k)
         ]
 
-    def _prepare_or_error(self, item: tuple[str, ImageInput]) -> np.ndarray | _Failure:
+    def _prepare_or_error(self, item: tuple[str, ImageInput]) -> _Ready | _Failure:
         name, image = item
         return _prepared(image, name=name, size=self.prep.input_size)
 
-    def _decode_here(self, chunk: list[tuple[str, ImageInput]]) -> list[np.ndarray | _Failure]:
+    def _decode_here(self, chunk: list[tuple[str, ImageInput]]) -> list[_Ready | _Failure]:
         if self._pool is not None and len(chunk) > 1:
             return list(self._pool.map(self._prepare_or_error, chunk))
         return [self._prepare_or_error(item) for item in chunk]
@@ -386,20 +429,22 @@ class Classifier:
     def _emit(
         self,
         chunk: list[tuple[str, ImageInput]],
-        decoded: list[np.ndarray | _Failure],
+        decoded: list[_Ready | _Failure],
         batch: np.ndarray,
         progress: Callable[[int], None] | None,
     ) -> Iterator[Prediction]:
         good = [d for d in decoded if not isinstance(d, _Failure)]
         for j, d in enumerate(good):
-            batch[j] = d
+            batch[j] = d.array
         probs = iter(self.predict_prepared(batch[: len(good)]))
         for (name, _), d in zip(chunk, decoded, strict=True):
             if isinstance(d, _Failure):
                 yield Prediction(name, None, None, self.threshold, d.message, d.code, d.status)
             else:
                 p = float(next(probs))
-                yield Prediction(name, self.label_of(p), p, self.threshold)
+                raw = self.label_of(p)
+                label = UNKNOWN if d.flag and self.unknown_when_flagged else raw
+                yield Prediction(name, label, p, self.threshold, flag=d.flag, raw_label=raw)
         if progress:
             progress(len(chunk))
 
@@ -419,22 +464,25 @@ def _chunked(
         yield chunk
 
 
-def _prepared(image: ImageInput, *, name: str, size: int) -> np.ndarray | _Failure:
-    """What :meth:`Classifier.prepare` returns, or why an image is unusable."""
+def _prepared(image: ImageInput, *, name: str, size: int) -> _Ready | _Failure:
+    """The letterboxed input and its out-of-distribution flag, or why an image is unusable."""
+    from malaria_cells.ood import check, signals
+
     try:
-        return letterbox(to_image(image, name=name), size)
+        img = to_image(image, name=name)
     except ImageError as e:
         return _Failure.of(e)
+    return _Ready(letterbox(img, size), check(signals(np.asarray(img))))
 
 
-def _prepare_files(items: list[str | UnreadableInput], size: int) -> list[np.ndarray | _Failure]:
+def _prepare_files(items: list[str | UnreadableInput], size: int) -> list[_Ready | _Failure]:
     """Decode and letterbox files in a worker process; an unusable file gives its failure instead."""
     return [_prepared(p, name=str(p), size=size) for p in items]
 
 
 def _gathered(
     item: tuple[list[tuple[str, ImageInput]], list[Future]],
-) -> tuple[list[tuple[str, ImageInput]], list[np.ndarray | _Failure]]:
+) -> tuple[list[tuple[str, ImageInput]], list[_Ready | _Failure]]:
     chunk, futures = item
     return chunk, [d for f in futures for d in f.result()]
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 FORMATS = ("table", "csv", "jsonl", "json")
 # The CSV's columns: a stable interface for scripts (the machine-readable error code is in jsonl/json).
-CSV_HEADER = ("source", "label", "prob_parasitized", "threshold", "error")
+CSV_HEADER = ("source", "label", "prob_parasitized", "threshold", "flag", "error")
 
 
 def render_predictions(
@@ -65,6 +65,7 @@ def render_predictions(
                 p.label or "",
                 "" if p.probability is None else f"{p.probability:.6f}",
                 f"{p.threshold:.6f}",
+                p.flag,
                 p.error or "",
             ]
             for p in predictions
@@ -81,12 +82,14 @@ def render_predictions(
         rows = list(predictions)
         threshold = f"; Parasitized when P >= {rows[0].threshold:.4f}" if rows else ""
         t = Table(title=f"{len(rows)} image(s){threshold}", title_justify="left")
-        for col, just in (("source", "left"), ("label", "left"), ("P(Parasitized)", "right"), ("error", "left")):
+        for col, just in (("source", "left"), ("label", "left"), ("P(Parasitized)", "right"), ("note", "left")):
             t.add_column(col, justify=just, overflow="fold")  # type: ignore[arg-type]
         for p in rows:
             prob = "" if p.probability is None else f"{p.probability:.4f}"
             reason = (p.error or "").removeprefix(f"{p.source}: ")  # the source is in its own column
-            t.add_row(p.source, p.label or "error", prob, reason)
+            t.add_row(
+                p.source, p.label or "error", prob, reason or (f"{p.flag} (model: {p.raw_label})" if p.flag else "")
+            )
         buf = io.StringIO()
         Console(file=buf, width=width, color_system=None).print(t)
         yield buf.getvalue()

@@ -67,7 +67,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from malaria_cells import __version__
 from malaria_cells.errors import EXIT_UNAVAILABLE, ConfigError, MalariaCellsError
-from malaria_cells.predict import Classifier, ModelError, resolve_model
+from malaria_cells.predict import UNKNOWN, Classifier, ModelError, resolve_model
 from malaria_cells.preprocess import MAX_PIXELS, ImageError, decode_image, webp_size
 
 if TYPE_CHECKING:  # the smear modules load scipy: imported when the service starts, not with this module
@@ -300,9 +300,18 @@ class FileSuccess(BaseModel):
 
     filename: str = Field(description="The upload's file name (or 'file N' when it has none).")
     ok: Literal[True] = True
-    label: str = Field(description="The predicted class: Parasitized or Uninfected.")
+    label: str = Field(
+        description="Parasitized or Uninfected; Unknown when the image does not look like a single stained cell on "
+        "black (the flag says why)."
+    )
     probability: float = Field(ge=0, le=1, description="P(Parasitized).")
     threshold: float = Field(description="Parasitized when probability >= threshold.")
+    flag: str = Field(
+        default="",
+        description="Why the input is unlike the training cells ('not a single cell', 'background not black', "
+        "'grayscale', 'unusual colours', ...); empty when it looks like one.",
+    )
+    raw_label: str | None = Field(default=None, description="The model's label, also when label is Unknown.")
     heatmap: str | None = Field(
         default=None, description="Grad-CAM overlay as a PNG data URL (heatmap=true on a torch model), else null."
     )
@@ -936,6 +945,7 @@ class _Upload:
     nbytes: int = 0
     pixels: int | None = None  # from the header, None when the header cannot be read (decoding says why)
     prepared: np.ndarray | None = None  # the letterboxed uint8 model input (for a field photo: the whole photo)
+    flag: str = ""  # why the image is unlike the training cells (malaria_cells.ood); "" when it looks like one
     failure: FileFailure | None = None
 
     def fail(self, status: int, code: str, message: str) -> None:
@@ -1019,7 +1029,7 @@ async def _decode_all(
     clf = state.classifier
     loop = asyncio.get_running_loop()
     assert clf is not None and state.decode_pool is not None
-    convert = convert or clf.prepare
+    convert = convert or clf.prepare_checked
     start = time.monotonic()
 
     async def one(u: _Upload) -> None:
@@ -1030,6 +1040,8 @@ async def _decode_all(
             state.decodes_in_progress -= 1
         if isinstance(out, ImageError):
             u.fail(out.status, out.code, out.message)
+        elif isinstance(out, tuple):  # prepare_checked: (input, out-of-distribution flag)
+            u.prepared, u.flag = out
         else:
             u.prepared = out
 
@@ -1130,7 +1142,13 @@ async def predict(
     for i, u in enumerate(uploads):
         if i in probs:
             p = probs[i]
-            results.append(FileSuccess(filename=u.name, label=clf.label_of(p), probability=p, threshold=clf.threshold))
+            raw = clf.label_of(p)
+            label = UNKNOWN if u.flag and clf.unknown_when_flagged else raw
+            results.append(
+                FileSuccess(
+                    filename=u.name, label=label, probability=p, threshold=clf.threshold, flag=u.flag, raw_label=raw
+                )
+            )
         else:
             assert u.failure is not None
             results.append(u.failure)

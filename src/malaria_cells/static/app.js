@@ -82,6 +82,16 @@ function fill(node, result) {
     el("p", { class: "prob", "data-testid": "probability", text: `P(Parasitized) = ${result.probability.toFixed(3)}` }),
     bar,
   );
+  if (result.flag) {
+    // The model answered, but the input is unlike the cells it was trained on: say so instead of a confident label.
+    node.append(
+      el("p", {
+        class: "flag",
+        "data-testid": "flag",
+        text: `Not judged: ${result.flag}. The model alone would say ${result.raw_label}. It expects one stained cell on black (use Field photo for whole fields).`,
+      }),
+    );
+  }
 }
 
 // POST a form; when the server is busy (503 server_busy) wait its Retry-After seconds and try again, 3 times at most.
