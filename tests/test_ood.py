@@ -75,3 +75,20 @@ def test_classifier_and_cli_label_flagged_inputs_unknown(share, tmp_path):
     out = CliRunner().invoke(app, ["predict", str(gray), "-f", "csv", "--raw-labels"])
     (row,) = csv.DictReader(io.StringIO(out.stdout))
     assert row["label"] in ("Parasitized", "Uninfected") and row["flag"] == "grayscale"
+
+
+def test_segment_puts_a_loose_crop_back_on_black(cells):
+    c = cells[3]
+    h, w = c.shape[:2]
+    loose = np.empty((2 * h, 2 * w, 3), np.uint8)
+    loose[:] = (222, 228, 218)
+    loose[h // 2 : h // 2 + h, w // 2 : w // 2 + w][c.max(2) > 20] = c[c.max(2) > 20]
+    auto, off = Classifier.load(segment="auto"), Classifier.load(segment="off")
+    (crop,) = auto.predict(c)
+    (seg,) = auto.predict(loose)
+    (raw,) = off.predict(loose)
+    assert crop.flag == "" and seg.flag == ""  # segmented: looks like a training cell again
+    assert raw.flag == "background not black" and raw.label == "Unknown"
+    assert abs(seg.probability - crop.probability) < 0.1  # and the model answers as for the NIH crop
+    with pytest.raises(ValueError, match="segment"):
+        Classifier.load(segment="sometimes")

@@ -447,6 +447,13 @@ def predict_cmd(
     header: Annotated[
         bool, typer.Option(help="Write the CSV header line (--no-header for shards after the first).")
     ] = True,
+    segment: Annotated[
+        str,
+        typer.Option(
+            help="auto | on | off: put a loosely cropped cell (background not black) on black first, as the training "
+            "cells are (auto: when the border is not black)."
+        ),
+    ] = "auto",
     raw_labels: Annotated[
         bool,
         typer.Option(
@@ -494,8 +501,14 @@ def predict_cmd(
         stop - start, batch_size=batch_size, threads=threads, decode_processes=decode_processes
     )
     # An unusable model raises ModelError: one line naming the file, exit code 2 (see _guarded).
+    if segment not in ("auto", "on", "off"):
+        _fail(f"--segment must be auto, on or off, not {segment!r}")
     clf = Classifier.load(
-        model, threads=threads, decode_processes=decode_processes, unknown_when_flagged=not raw_labels
+        model,
+        threads=threads,
+        decode_processes=decode_processes,
+        unknown_when_flagged=not raw_labels,
+        segment=segment,
     )
     failed = total = 0
 

@@ -186,6 +186,7 @@ class Classifier:
         threads: int | None = None,
         decode_processes: int = 0,
         unknown_when_flagged: bool = True,
+        segment: str = "auto",
     ) -> None:
         """Wrap a backend.
 
@@ -196,8 +197,13 @@ class Classifier:
             decode_processes: see :meth:`load`.
             unknown_when_flagged: label an input that does not look like a training cell "Unknown" (its flag says
                 why; ``raw_label`` keeps the model's answer). False keeps the model's label, with the flag.
+            segment: "auto" (default) puts a cell whose background is not black on black first (a loose crop:
+                :func:`malaria_cells.segment.segment_crop`); "on" always; "off" never.
         """
+        if segment not in SEGMENT_MODES:
+            raise ValueError(f"segment must be one of {', '.join(SEGMENT_MODES)}, not {segment!r}")
         self.unknown_when_flagged = unknown_when_flagged
+        self.segment = segment
         meta = backend.meta
         self._backend = backend
         # Decoding threads: imagecodecs (WebP) and Pillow (other formats, resizing) release the GIL while they
@@ -230,6 +236,7 @@ class Classifier:
         threads: int | None = None,
         decode_processes: int = 0,
         unknown_when_flagged: bool = True,
+        segment: str = "auto",
     ) -> Classifier:
         """Load an ONNX file (onnxruntime) or a run folder (torch).
 
@@ -241,6 +248,7 @@ class Classifier:
                 in this process with threads). Worth it for thousands of files (each process takes ~0.3 s to
                 start); :func:`decode_plan` picks them for a number of files.
             unknown_when_flagged: see :class:`Classifier`.
+            segment: see :class:`Classifier`.
 
         Returns:
             The classifier.
@@ -256,6 +264,7 @@ class Classifier:
             threads=threads,
             decode_processes=decode_processes,
             unknown_when_flagged=unknown_when_flagged,
+            segment=segment,
         )
 
     @property
@@ -289,7 +298,7 @@ class Classifier:
         Raises:
             ImageError: unusable image, with the reason.
         """
-        return letterbox(to_image(image, name=name), self.prep.input_size)
+        return self.prepare_checked(image, name=name)[0]
 
     def prepare_checked(self, image: ImageInput, *, name: str = "<image>") -> tuple[np.ndarray, str]:
         """:meth:`prepare` plus the input's out-of-distribution flag (see :mod:`malaria_cells.ood`).
@@ -300,7 +309,7 @@ class Classifier:
         Raises:
             ImageError: unusable image, with the reason.
         """
-        out = _prepared(image, name=name, size=self.prep.input_size)
+        out = _prepared(image, name=name, size=self.prep.input_size, segment=self.segment)
         if isinstance(out, _Failure):
             raise ImageError(out.message, code=out.code, status=out.status)
         return out.array, out.flag
@@ -413,13 +422,14 @@ class Classifier:
                 _prepare_files,
                 [im if isinstance(im, UnreadableInput) else str(im) for _, im in chunk[a : a + k]],
                 self.prep.input_size,
+                self.segment,
             )
             for a in range(0, len(chunk), k)
         ]
 
     def _prepare_or_error(self, item: tuple[str, ImageInput]) -> _Ready | _Failure:
         name, image = item
-        return _prepared(image, name=name, size=self.prep.input_size)
+        return _prepared(image, name=name, size=self.prep.input_size, segment=self.segment)
 
     def _decode_here(self, chunk: list[tuple[str, ImageInput]]) -> list[_Ready | _Failure]:
         if self._pool is not None and len(chunk) > 1:
@@ -464,20 +474,35 @@ def _chunked(
         yield chunk
 
 
-def _prepared(image: ImageInput, *, name: str, size: int) -> _Ready | _Failure:
-    """The letterboxed input and its out-of-distribution flag, or why an image is unusable."""
+SEGMENT_MODES = ("auto", "on", "off")
+
+
+def _prepared(image: ImageInput, *, name: str, size: int, segment: str = "auto") -> _Ready | _Failure:
+    """The letterboxed input and its out-of-distribution flag, or why an image is unusable.
+
+    ``segment``: "on" puts the middle cell on black first (a loose crop from a field photo), "auto" does so when the
+    image's border is not black, "off" never.
+    """
     from malaria_cells.ood import check, signals
+    from malaria_cells.preprocess import MIN_SIDE
+    from malaria_cells.segment import on_black, segment_crop
 
     try:
         img = to_image(image, name=name)
     except ImageError as e:
         return _Failure.of(e)
-    return _Ready(letterbox(img, size), check(signals(np.asarray(img))))
+    rgb = np.asarray(img)
+    if segment == "on" or (segment == "auto" and not on_black(rgb)):
+        cell = segment_crop(rgb)
+        if cell is not None and min(cell.shape[:2]) >= MIN_SIDE:
+            rgb = cell
+            img = Image.fromarray(cell)
+    return _Ready(letterbox(img, size), check(signals(rgb)))
 
 
-def _prepare_files(items: list[str | UnreadableInput], size: int) -> list[_Ready | _Failure]:
+def _prepare_files(items: list[str | UnreadableInput], size: int, segment: str = "auto") -> list[_Ready | _Failure]:
     """Decode and letterbox files in a worker process; an unusable file gives its failure instead."""
-    return [_prepared(p, name=str(p), size=size) for p in items]
+    return [_prepared(p, name=str(p), size=size, segment=segment) for p in items]
 
 
 def _gathered(

@@ -213,3 +213,20 @@ def _fill_holes(m: np.ndarray, plane: np.ndarray) -> np.ndarray:
     edge = np.unique(np.concatenate([bg_labels[:, 0].ravel(), bg_labels[:, -1].ravel(),
                                      bg_labels[:, :, 0].ravel(), bg_labels[:, :, -1].ravel()]))  # fmt: skip
     return ~np.isin(bg_labels, edge[edge > 0]) | m
+
+
+def segment_crop(rgb: np.ndarray) -> np.ndarray | None:
+    """A loosely cropped cell (light background, maybe neighbours) in the training form: the middle cell on black.
+
+    Args:
+        rgb: uint8 (H, W, 3), the cell roughly in the middle.
+
+    Returns:
+        The cell on black, cut to it; ``None`` when no cell is found in the middle.
+    """
+    h, w = rgb.shape[:2]
+    # The detector's ellipse is unknown here: the crop's inscribed ellipse (x 1.15 in cell_mask) bounds the cell.
+    mask = cell_mask(rgb, ellipse=(w / 2, h / 2, w / 2, h / 2))
+    if mask.sum() < 0.05 * h * w:
+        return None
+    return to_training_form(rgb, mask)
