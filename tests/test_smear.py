@@ -214,3 +214,14 @@ def test_contact_sheet_keeps_the_most_confident_when_full(iml, tmp_path, monkeyp
     assert len(called) > 3 and run.photos == 2
     with Image.open(tmp_path / "infected_cells.png") as im:
         assert im.height < 2 * (96 + 16) + 24  # one row: three cells
+
+
+def test_public_api_from_the_package_top_imports_no_torch():
+    code = (
+        "import sys; from malaria_cells import Classifier, analyze_smear, Run, __version__; "
+        "assert callable(analyze_smear) and hasattr(Classifier, 'load') and Run; "
+        "print('torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
