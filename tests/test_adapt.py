@@ -97,5 +97,13 @@ def test_adapt_writes_a_run_with_operating_points_and_a_report(tmp_path, small_r
 
     clf = Classifier.load(result.onnx)
     assert clf.threshold == pytest.approx(result.threshold)
+    assert clf.operating_points == pytest.approx(pts)  # the named thresholds travel inside the ONNX file
+    assert Classifier.load(result.onnx, operating_point="balanced").threshold == pytest.approx(pts["balanced"])
+    assert Classifier.load(result.onnx, operating_point="balanced", threshold=0.25).threshold == 0.25
+    from malaria_cells.errors import ModelError
+
+    with pytest.raises(ModelError, match="no operating point 'screening'") as err:
+        Classifier.load(result.onnx, operating_point="screening")
+    assert err.value.code == "operating_point_unknown"
     with pytest.raises(FileExistsError):
         adapt(run=small_run, data=photos, annotations=ann, out=out, config=cfg)

@@ -50,6 +50,7 @@ CARD_KEYS = (
     "output",
     "threshold",
     "threshold_method",
+    "operating_points",
     "split_kind",
     "data_manifest_sha256",
     "val_metrics_at_threshold",

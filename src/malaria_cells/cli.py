@@ -447,6 +447,13 @@ def predict_cmd(
     header: Annotated[
         bool, typer.Option(help="Write the CSV header line (--no-header for shards after the first).")
     ] = True,
+    operating_point: Annotated[
+        str | None,
+        typer.Option(help="A named threshold stored with the model (adapt stores high_specificity, balanced, ...)."),
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(min=0, max=1, help="Decision threshold on P(Parasitized) (default: the model's).")
+    ] = None,
     segment: Annotated[
         str,
         typer.Option(
@@ -509,6 +516,8 @@ def predict_cmd(
         decode_processes=decode_processes,
         unknown_when_flagged=not raw_labels,
         segment=segment,
+        operating_point=operating_point,
+        threshold=threshold,
     )
     failed = total = 0
 
@@ -701,6 +710,10 @@ def smear_cmd(
     threshold: Annotated[
         float | None, typer.Option(min=0, max=1, help="Decision threshold on P(Parasitized) (default: the model's).")
     ] = None,
+    operating_point: Annotated[
+        str | None,
+        typer.Option(help="A named threshold stored with the model (adapt stores high_specificity, balanced, ...)."),
+    ] = None,
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write an overlay per photo.")] = True,
     shard: Annotated[str | None, typer.Option(help="i/n: only the i-th of n equal parts of the photos.")] = None,
     workers: Annotated[
@@ -738,7 +751,9 @@ def smear_cmd(
         _fail("no field photos (JPEG, PNG, TIFF, WebP) in the given paths")
     given = load_annotations(boxes) if boxes is not None else None
     workers = min(workers or available_cores(), n_photos)
-    analyzer = SmearAnalyzer.load(model=model, detector=detector, threshold=threshold, workers=workers)
+    analyzer = SmearAnalyzer.load(
+        model=model, detector=detector, threshold=threshold, operating_point=operating_point, workers=workers
+    )
     with task(f"analyzing {n_photos:,} photos", total=n_photos) as bar:
         run = run_smear(
             slides,

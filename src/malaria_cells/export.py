@@ -114,6 +114,8 @@ def onnx_metadata(meta: dict, *, extra: dict | None = None) -> dict[str, object]
         "output": f"{ONNX_OUTPUTS[0]}: (N,) log-odds of Parasitized; {ONNX_OUTPUTS[1]}: (N,) sigmoid(logit)",
         "threshold": meta["threshold"],
         "threshold_method": meta.get("threshold_method"),
+        # Named thresholds (balanced, high_specificity, high_sensitivity) where the run has them (adapt writes them).
+        "operating_points": meta.get("operating_points") or {"default": meta["threshold"]},
         "split_kind": meta.get("split_kind"),
         "data_manifest_sha256": meta.get("data_manifest_sha256"),
         "val_metrics_at_threshold": meta.get("val_metrics_at_threshold"),

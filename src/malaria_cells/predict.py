@@ -187,6 +187,8 @@ class Classifier:
         decode_processes: int = 0,
         unknown_when_flagged: bool = True,
         segment: str = "auto",
+        operating_point: str | None = None,
+        threshold: float | None = None,
     ) -> None:
         """Wrap a backend.
 
@@ -199,6 +201,9 @@ class Classifier:
                 why; ``raw_label`` keeps the model's answer). False keeps the model's label, with the flag.
             segment: "auto" (default) puts a cell whose background is not black on black first (a loose crop:
                 :func:`malaria_cells.segment.segment_crop`); "on" always; "off" never.
+            operating_point: a named threshold stored with the model ("high_specificity", "balanced",
+                "high_sensitivity": ``adapt`` stores them) instead of its default threshold.
+            threshold: an explicit threshold on P(Parasitized) (wins over ``operating_point``).
         """
         if segment not in SEGMENT_MODES:
             raise ValueError(f"segment must be one of {', '.join(SEGMENT_MODES)}, not {segment!r}")
@@ -226,7 +231,22 @@ class Classifier:
             self.negative_class: str = self.class_names[1 - self.positive_index]
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ModelError(f"{source}: metadata without a usable threshold or class names ({e!r})") from None
+        points = dict(meta.get("operating_points") or {})
+        self.operating_points: dict[str, float] = {k: float(v) for k, v in points.items()}
+        if operating_point is not None:
+            if operating_point not in self.operating_points:
+                known = ", ".join(sorted(self.operating_points)) or "none"
+                raise ModelError(
+                    f"{source}: no operating point {operating_point!r} (this model has: {known})",
+                    code="operating_point_unknown",
+                )
+            self.threshold = self.operating_points[operating_point]
+        if threshold is not None:
+            if not 0 <= threshold <= 1:
+                raise ModelError(f"threshold must be in [0, 1], not {threshold}", code="config_invalid")
+            self.threshold = float(threshold)
         self.card = model_card(meta, backend=self.backend, source=source)
+        self.card["threshold_in_use"] = self.threshold  # differs from "threshold" with an operating point
 
     @classmethod
     def load(
@@ -237,6 +257,8 @@ class Classifier:
         decode_processes: int = 0,
         unknown_when_flagged: bool = True,
         segment: str = "auto",
+        operating_point: str | None = None,
+        threshold: float | None = None,
     ) -> Classifier:
         """Load an ONNX file (onnxruntime) or a run folder (torch).
 
@@ -248,7 +270,7 @@ class Classifier:
                 in this process with threads). Worth it for thousands of files (each process takes ~0.3 s to
                 start); :func:`decode_plan` picks them for a number of files.
             unknown_when_flagged: see :class:`Classifier`.
-            segment: see :class:`Classifier`.
+            segment, operating_point, threshold: see :class:`Classifier`.
 
         Returns:
             The classifier.
@@ -265,6 +287,8 @@ class Classifier:
             decode_processes=decode_processes,
             unknown_when_flagged=unknown_when_flagged,
             segment=segment,
+            operating_point=operating_point,
+            threshold=threshold,
         )
 
     @property

@@ -280,6 +280,7 @@ class SmearAnalyzer:
         model: str | Path | None = None,
         detector: str | Path | None = None,
         threshold: float | None = None,
+        operating_point: str | None = None,
         workers: int = 1,
     ) -> SmearAnalyzer:
         """Load the models for ``workers`` photos at a time: with several, each model call uses one thread (the
@@ -289,6 +290,8 @@ class SmearAnalyzer:
             model: the cell model (ONNX file or run folder; default: the shipped one).
             detector: the detector ONNX file (default: the shipped one).
             threshold: decision threshold (default: the model's).
+            operating_point: a named threshold stored with the model (``adapt`` stores "high_specificity",
+                "balanced", "high_sensitivity"); ``threshold`` wins over it.
             workers: photos analysed at once.
 
         Returns:
@@ -296,7 +299,7 @@ class SmearAnalyzer:
         """
         threads = 1 if workers > 1 else None
         return cls(
-            classifier=Classifier.load(model, threads=threads),
+            classifier=Classifier.load(model, threads=threads, operating_point=operating_point),
             detector=Detector(detector, threads=threads),
             threshold=threshold,
         )
