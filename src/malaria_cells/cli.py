@@ -409,6 +409,13 @@ def reproduce_cmd(
     )
 
 
+OperatingPointOpt = Annotated[
+    str | None,
+    typer.Option(help="A named threshold stored with the model (adapt stores high_specificity, balanced, ...)."),
+]
+ThresholdOpt = Annotated[
+    float | None, typer.Option(min=0, max=1, help="Decision threshold on P(Parasitized) (default: the model's).")
+]
 ModelOpt = Annotated[
     str | None,
     typer.Option(
@@ -447,13 +454,8 @@ def predict_cmd(
     header: Annotated[
         bool, typer.Option(help="Write the CSV header line (--no-header for shards after the first).")
     ] = True,
-    operating_point: Annotated[
-        str | None,
-        typer.Option(help="A named threshold stored with the model (adapt stores high_specificity, balanced, ...)."),
-    ] = None,
-    threshold: Annotated[
-        float | None, typer.Option(min=0, max=1, help="Decision threshold on P(Parasitized) (default: the model's).")
-    ] = None,
+    operating_point: OperatingPointOpt = None,
+    threshold: ThresholdOpt = None,
     segment: Annotated[
         str,
         typer.Option(
@@ -707,13 +709,8 @@ def smear_cmd(
         Path | None,
         typer.Option(help="Classify these boxes instead of detecting: the IML share's JSON or COCO JSON."),
     ] = None,
-    threshold: Annotated[
-        float | None, typer.Option(min=0, max=1, help="Decision threshold on P(Parasitized) (default: the model's).")
-    ] = None,
-    operating_point: Annotated[
-        str | None,
-        typer.Option(help="A named threshold stored with the model (adapt stores high_specificity, balanced, ...)."),
-    ] = None,
+    threshold: ThresholdOpt = None,
+    operating_point: OperatingPointOpt = None,
     overlays: Annotated[bool, typer.Option("--overlays/--no-overlays", help="Write an overlay per photo.")] = True,
     shard: Annotated[str | None, typer.Option(help="i/n: only the i-th of n equal parts of the photos.")] = None,
     workers: Annotated[
@@ -791,7 +788,7 @@ def smear_eval_cmd(
     given_boxes: Annotated[
         bool, typer.Option("--given-boxes", help="Classify the annotated boxes (classification judged alone).")
     ] = False,
-    threshold: Annotated[float | None, typer.Option(min=0, max=1, help="Decision threshold.")] = None,
+    threshold: ThresholdOpt = None,
     first: Annotated[
         str | None, typer.Option(help="Only photos whose name sorts at or after this one (a split of your own).")
     ] = None,
