@@ -26,7 +26,7 @@ from torch import nn
 
 from malaria_cells import metrics as M
 from malaria_cells import progress
-from malaria_cells.augment import augment
+from malaria_cells.augment import augment, stain_jitter
 from malaria_cells.boxes import load_annotations
 from malaria_cells.errors import ConfigError
 from malaria_cells.io import atomic_write, atomic_write_json, atomic_write_text
@@ -142,20 +142,6 @@ def block_split(groups: np.ndarray, *, val_fraction: float, test_fraction: float
     for i, name in enumerate(names):
         out[name] = "test" if i >= n - n_test else "val" if i >= n - n_test - n_val else "train"
     return out
-
-
-def stain_jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Strong stain changes on uint8 NHWC cells on black: saturation x0.6-1.8, per-channel gain x0.85-1.15,
-    brightness x0.8-1.2. The black background stays black."""
-    n = x.shape[0]
-    f = x.float()
-    cell = (x.amax(-1, keepdim=True) > 0).float()
-    gray = f.mean(-1, keepdim=True)
-    sat = 0.6 + 1.2 * torch.rand(n, 1, 1, 1, generator=gen)
-    gain = 0.85 + 0.3 * torch.rand(n, 1, 1, 3, generator=gen)
-    bright = 0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=gen)
-    f = (gray + (f - gray) * sat) * gain * bright
-    return (f.clamp(0, 255) * cell).to(torch.uint8)
 
 
 def operating_points(y: np.ndarray, p: np.ndarray, *, specificity: float, sensitivity: float) -> dict[str, float]:

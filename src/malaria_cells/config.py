@@ -61,6 +61,9 @@ class TrainConfig(BaseModel):
     label_smoothing: float = Field(0.0, ge=0, le=0.2, description="Targets become y(1-s) + s/2.")
     patience: int = Field(5, ge=1, le=10_000, description="Early stopping: epochs without a better val AUC.")
     augment: bool = Field(True, description="Flips, 90-degree rotations, mild brightness/contrast/hue.")
+    stain_jitter: float = Field(
+        0.0, ge=0, le=2, description="scratch: strong stain augmentation (saturation, hue, brightness); 0 off, 1 full."
+    )
     split: Literal["patient", "image-leaky"] = Field(
         "patient", description="patient (honest) | image-leaky (leakage audit only)."
     )

@@ -44,6 +44,7 @@ from malaria_cells import distributed, progress
 from malaria_cells import metrics as M
 from malaria_cells.augment import (
     augment,  # re-exported: the scratch path's augmentation
+    stain_jitter,
 )
 from malaria_cells.cache import build_or_load, cache_key, default_cache_dir
 from malaria_cells.config import STRATEGY_DEFAULTS, TrainConfig
@@ -371,6 +372,7 @@ def scratch_plan(
         xb = torch.from_numpy(data.array[idx])
         if config.augment:
             xb = augment(xb, gen)
+            xb = stain_jitter(xb, gen, strength=config.stain_jitter)  # no draw at 0: older runs resume the same
         return to_input(xb.to(device), prep)
 
     def val_logits() -> np.ndarray:
