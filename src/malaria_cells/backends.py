@@ -146,9 +146,15 @@ class OnnxBackend:
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch_u8: np.ndarray) -> np.ndarray:
-        """P(Parasitized) of a uint8 (N, S, S, 3) batch, float32 (N,)."""
-        (prob,) = self.session.run([ONNX_OUTPUTS[1]], {self.input_name: np.ascontiguousarray(batch_u8)})
-        return prob.astype(np.float32, copy=False).reshape(-1)
+        """P(Parasitized) of a uint8 (N, S, S, 3) batch, float32 (N,).
+
+        The probability is the sigmoid of the graph's ``logit`` output, computed here in float: an int8 graph
+        quantizes its own ``prob_parasitized`` output to steps of 1/255, so a third of the cells came out at exactly
+        1.0 and a fifth at 0 (no ranking among them); its logit is finer (steps of ~0.1 in log-odds over +-10).
+        """
+        (logit,) = self.session.run([ONNX_OUTPUTS[0]], {self.input_name: np.ascontiguousarray(batch_u8)})
+        z = logit.astype(np.float64, copy=False).reshape(-1)
+        return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # sigmoid, without overflow at large |z|
 
 
 def _onnx_metadata(path: Path, session: Any) -> dict[str, Any]:
