@@ -146,18 +146,53 @@ def block_split(groups: np.ndarray, *, val_fraction: float, test_fraction: float
 
 def operating_points(y: np.ndarray, p: np.ndarray, *, specificity: float, sensitivity: float) -> dict[str, float]:
     """Thresholds on P(Parasitized): balanced (Youden), high specificity (the lowest threshold whose specificity
-    reaches ``specificity``), high sensitivity (the highest whose sensitivity reaches ``sensitivity``)."""
+    reaches ``specificity``, and at least the balanced one), high sensitivity (the highest whose sensitivity reaches
+    ``sensitivity``, and at most the balanced one)."""
     neg, pos = np.sort(p[y == 0]), np.sort(p[y == 1])
     # specificity(t) = share of negatives below t: the smallest t with at least spec*n negatives below it.
     k = int(np.ceil(specificity * len(neg)))
     high_spec = float(np.nextafter(neg[k - 1], 1.0)) if 0 < k <= len(neg) else 0.5
     j = int(np.floor((1 - sensitivity) * len(pos)))
     high_sens = float(pos[j]) if len(pos) else 0.5
+    balanced = float(M.choose_threshold(y, p, method="youden"))
     return {
-        "balanced": float(M.choose_threshold(y, p, method="youden")),
-        "high_specificity": min(1.0, high_spec),
-        "high_sensitivity": high_sens,
+        "balanced": balanced,
+        # never less strict / more strict than the balanced point: the names promise an order
+        "high_specificity": max(balanced, min(1.0, high_spec)),
+        "high_sensitivity": min(balanced, high_sens),
     }
+
+
+def store_operating_points(
+    *, run: Path, data: Path, specificity: float = 0.995, sensitivity: float = 0.95
+) -> dict[str, float]:
+    """Choose a run's operating points on its own validation patients and store them in its ``metadata.json``
+    (``export`` then carries them into the ONNX file).
+
+    Args:
+        run: a finished run folder.
+        data: its images.
+        specificity: of the high-specificity point (0.995: screening smears of low parasitemia).
+        sensitivity: of the high-sensitivity point.
+
+    Returns:
+        The points.
+    """
+    from malaria_cells.backends import TorchBackend
+    from malaria_cells.evaluate import predict_split
+
+    r = Run.open(run)
+    sp = predict_split(run_dir=r.path, model=TorchBackend(r.path, precision="fp32"), data_dir=Path(data), split="val")
+    y = np.array([im.label for im in sp.images])
+    points = operating_points(y, np.asarray(sp.prob), specificity=specificity, sensitivity=sensitivity)
+    meta = r.meta.to_dict()
+    meta["operating_points"] = points
+    meta["operating_points_chosen_on"] = (
+        f"{len(y):,} validation cells of the run's own split; high specificity {specificity}, "
+        f"high sensitivity {sensitivity}"
+    )
+    r.save_meta(meta)
+    return points
 
 
 @dataclass

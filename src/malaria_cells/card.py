@@ -120,11 +120,14 @@ def render_model_card(*, run_dir: Path, eval_json: Path, onnx_paths: list[Path],
         "",
         "## Limitations",
         "",
-        "- One hospital, one staining protocol (Giemsa), one kind of smear (thin), one species "
-        "(*P. falciparum*), smartphone-microscope photographs; other sites, stains, microscopes and species are "
-        "untested and likely worse.",
-        "- Input must be one segmented cell on a black background, as in the NIH set; whole fields of view are "
-        "out of scope. Grayscale inputs are accepted but lose the stain colour the model relies on.",
+        "- Trained on one hospital, one staining protocol (Giemsa), one kind of smear (thin), one species "
+        "(*P. falciparum*), smartphone-microscope photographs. On another lab's cells (IML-Malaria: other "
+        "microscope, stain batch, *P. vivax*) it ranks well but over-calls at its threshold, which multiplies a "
+        "low parasitemia; adapt it to the lab (`malaria-cells adapt`). Measured figures: docs/trust.md, "
+        "docs/smear.md, docs/adapt.md.",
+        "- Input must be one segmented cell on a black background, as in the NIH set. Inputs unlike that (field "
+        "photos, loose crops, grayscale, non-cells) get a flag and the label Unknown (docs/trust.md); loose crops "
+        "are put on black first (`--segment auto`); field photos go through `malaria-cells smear`.",
         "- Labels come from one expert reader; some cells in the public set are known to be mislabelled.",
         "- Cell-level metrics; a patient-level decision needs many cells and a clinical protocol.",
         "",

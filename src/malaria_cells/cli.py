@@ -863,6 +863,26 @@ def adapt_cmd(
     console.print(f"[green]wrote[/] {result.out} (threshold {result.threshold:.4f}) and {result.onnx}")
 
 
+@app.command("operating-points")
+def operating_points_cmd(
+    run: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    data: DataOpt = None,
+    specificity: Annotated[float, typer.Option(min=0.5, max=0.9999, help="Of the high-specificity point.")] = 0.995,
+    sensitivity: Annotated[float, typer.Option(min=0.5, max=0.9999, help="Of the high-sensitivity point.")] = 0.95,
+) -> None:
+    """Choose named thresholds (balanced, high_specificity, high_sensitivity) on the run's validation patients.
+
+    They are stored in the run's metadata.json; export the run again to carry them into its ONNX file.
+    """
+    from malaria_cells.adapt import store_operating_points
+    from malaria_cells.terminal import console
+
+    points = store_operating_points(run=run, data=_data(data), specificity=specificity, sensitivity=sensitivity)
+    for name, t in points.items():
+        console.print(f"{name:17s} {t:.4f}")
+    console.print(f"[green]stored in[/] {run}/metadata.json; re-export the run to carry them into its ONNX file")
+
+
 @detector_app.command("train")
 def detector_train_cmd(
     photos: Annotated[Path, typer.Argument(help="Folder of field photos.")],
