@@ -83,7 +83,7 @@ def _root(
     """Train, evaluate and deploy malaria cell classifiers. Research and education use only; not for diagnosis.
 
     Exit codes: 0 ok; 1 some inputs failed (each has an error row); 2 usage, config or model error; 3 data error;
-    4 something needed cannot be had here (pretrained weights); 130 interrupted.
+    4 something needed cannot be had here (pretrained weights); 5 nothing found to count (smear); 130 interrupted.
     """
 
 
