@@ -890,6 +890,7 @@ def detector_train_cmd(
     out: Annotated[Path, typer.Option(help="Output folder (detector.onnx, metrics.json, history.jsonl).")],
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 30,
     width: Annotated[int, typer.Option(min=8, max=256, help="Channels of the network's body.")] = 32,
+    scale: Annotated[float, typer.Option(min=0.1, max=1.0, help="Photo -> detector input scale.")] = 1 / 3,
     val_fraction: Annotated[
         float, typer.Option(min=0, max=0.9, help="Last share of the sorted photo names held out for validation.")
     ] = 0.2,
@@ -902,7 +903,9 @@ def detector_train_cmd(
     from malaria_cells.detect_train import DetectorConfig, train_detector
     from malaria_cells.terminal import console
 
-    cfg = DetectorConfig(epochs=epochs, width=width, val_fraction=val_fraction, threshold=threshold, seed=seed)
+    cfg = DetectorConfig(
+        epochs=epochs, width=width, scale=scale, val_fraction=val_fraction, threshold=threshold, seed=seed
+    )
     result = train_detector(photos_dir=photos, annotations=annotations, out=out, config=cfg)
     m = result.val_metrics
     if m:

@@ -1,7 +1,7 @@
 """Finding red blood cells in a field photo: a small centre-heatmap detector, run with ONNX Runtime.
 
-The detector (trained by :mod:`malaria_cells.detect_train`) sees the photo at ``scale`` (0.25: a 1280 x 960 photo
-becomes 320 x 240, a cell ~20 px across) and answers, on a grid of ``stride`` px (4), the probability that a cell's
+The detector (trained by :mod:`malaria_cells.detect_train`) sees the photo at ``scale`` (1/3: a 1280 x 960 photo
+becomes 427 x 320, a cell ~27 px across) and answers, on a grid of ``stride`` px (4), the probability that a cell's
 centre lies in each grid cell, the centre's offset inside it and the cell's width and height (CenterNet's
 formulation: Zhou et al., "Objects as Points", 2019). Peaks of the heatmap above ``threshold`` that are the largest
 in their 3 x 3 neighbourhood are the cells; touching cells are separate peaks, so no watershed is needed. White

@@ -29,7 +29,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from malaria_cells.segment import dilate, erode
+
 REFERENCE = Path(__file__).resolve().parent / "ood_reference.json"
+MEASURE_PX = 40  # the image is measured at about this size (longer side)
 BLACK = 20  # 0-255: a pixel whose brightest channel is at most this is background (NIH crops: exactly 0)
 
 
@@ -61,23 +64,26 @@ def signals(rgb: np.ndarray) -> Signals:
         The signals.
     """
     h, w = rgb.shape[:2]
-    # Large images are measured at a reduced size: the signals are shares and means, not details.
-    step = max(1, int(max(h, w) // 256))
+    # Measured at ~64 px on the longer side: the signals are shares, means and a texture, not details, and this is
+    # on every prediction's path (0.5 -> ~0.15 ms a cell at 40 px).
+    step = max(1, round(max(h, w) / MEASURE_PX))
     small = rgb[::step, ::step]
-    bright = small.max(axis=2)
+    r, g8, b = small[..., 0], small[..., 1], small[..., 2]
+    # channel-wise maxima of three 2-D planes: ~10x faster than small.max(axis=2) on a short last axis
+    bright = np.maximum(np.maximum(r, g8), b)
     ring = np.concatenate([bright[:2].ravel(), bright[-2:].ravel(), bright[:, :2].ravel(), bright[:, -2:].ravel()])
-    obj = ndi.binary_opening(bright > BLACK, iterations=1)
+    obj = dilate(erode((bright > BLACK)[None]))[0]  # opening with a 3 x 3 cross: drops 1-px specks
     labels, n = ndi.label(obj)
-    sizes = ndi.sum_labels(obj, labels, index=np.arange(1, n + 1)) if n else np.zeros(0)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.float64)
     area = obj.size
     big = sizes >= 0.02 * area
     texture = 0.0
     if n:
         keep = labels == (int(np.argmax(sizes)) + 1)
-        px = small[keep].astype(np.float32)
+        px = small[keep]
         # Inside the object (2 px in from its edge, so the cell's rim against black does not count): stained cells
         # are smooth; photos of other things and noise are not.
-        inner = ndi.binary_erosion(keep, iterations=2)
+        inner = erode(erode(keep[None]))[0]
         g = small[..., 1].astype(np.float32)
         dx, dy = np.abs(np.diff(g, axis=1)), np.abs(np.diff(g, axis=0))
         both = inner[:, 1:] & inner[:, :-1]
@@ -85,9 +91,13 @@ def signals(rgb: np.ndarray) -> Signals:
         if both.any() and both_y.any():
             texture = float((dx[both].mean() + dy[both_y].mean()) / 2)
     else:
-        px = small.reshape(-1, 3).astype(np.float32)
-    chroma = float((px.max(axis=1) - px.min(axis=1)).mean()) if len(px) else 0.0
-    colour = tuple(float(v) for v in px.mean(axis=0)) if len(px) else (0.0, 0.0, 0.0)
+        px = small.reshape(-1, 3)
+    if len(px):
+        c0, c1, c2 = (px[:, k].astype(np.int16) for k in range(3))
+        chroma = float((np.maximum(np.maximum(c0, c1), c2) - np.minimum(np.minimum(c0, c1), c2)).mean())
+        colour = (float(c0.mean()), float(c1.mean()), float(c2.mean()))
+    else:
+        chroma, colour = 0.0, (0.0, 0.0, 0.0)
     return Signals(
         width=w,
         height=h,

@@ -50,11 +50,15 @@ def on_black(rgb: np.ndarray) -> bool:
         rgb: uint8 (H, W, 3).
 
     Returns:
-        True for NIH-style crops.
+        True for NIH-style crops: at least 75 % of the outer rows and of the outer columns are at most
+        :data:`BLACK_BACKGROUND_MAX` in every channel.
     """
-    return (
-        float(np.percentile(rgb[[0, -1]].reshape(-1, 3).max(1), 75)) <= BLACK_BACKGROUND_MAX
-        and float(np.percentile(rgb[:, [0, -1]].reshape(-1, 3).max(1), 75)) <= BLACK_BACKGROUND_MAX
+    rows = rgb[[0, -1]].reshape(-1, 3)
+    cols = rgb[:, [0, -1]].reshape(-1, 3)
+    # A count instead of a percentile: this runs for every predicted image.
+    return bool(
+        (rows > BLACK_BACKGROUND_MAX).any(axis=1).mean() <= 0.25
+        and (cols > BLACK_BACKGROUND_MAX).any(axis=1).mean() <= 0.25
     )
 
 
@@ -164,7 +168,7 @@ def cell_masks(
     plane = np.zeros((3, 3, 3), bool)
     plane[1] = True  # 4-connected within a crop, never across crops
     plane[1, 0, 0] = plane[1, 0, 2] = plane[1, 2, 0] = plane[1, 2, 2] = False
-    mask = _dilate(_erode(mask))  # opening with a 3 x 3 cross: drops 1-px specks and bridges
+    mask = dilate(erode(mask))  # opening with a 3 x 3 cross: drops 1-px specks and bridges
     labels, count = ndi.label(mask, structure=plane)
     if count == 0:
         return np.zeros((n, h, w), bool)
@@ -183,7 +187,7 @@ def cell_masks(
     return _fill_holes(keep[labels], plane)
 
 
-def _erode(m: np.ndarray) -> np.ndarray:
+def erode(m: np.ndarray) -> np.ndarray:
     """Binary erosion of each (N, H, W) plane with a 3 x 3 cross (outside counts as background)."""
     out = m.copy()
     out[:, 1:] &= m[:, :-1]
@@ -194,7 +198,7 @@ def _erode(m: np.ndarray) -> np.ndarray:
     return out
 
 
-def _dilate(m: np.ndarray) -> np.ndarray:
+def dilate(m: np.ndarray) -> np.ndarray:
     """Binary dilation of each (N, H, W) plane with a 3 x 3 cross."""
     out = m.copy()
     out[:, 1:] |= m[:, :-1]

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 # Side of the square each cell is resampled to before its mask is computed (px): masks are cheap at this size, and
 # it is above the classifier's input (48-64 px), so no detail the classifier could use is lost first.
-WORK_PX = 72
+WORK_PX = 64
 # The square cut around a detected box, as a multiple of the box's longer side: room for the rim the box may miss.
 CONTEXT = 1.3
 # A detected cell whose mask covers less than this share of its box is not a red cell (debris, a stain blob).
