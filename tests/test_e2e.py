@@ -47,6 +47,11 @@ def test_train_then_evaluate_on_test_patients(real_run, share):
         assert (real_run / "eval-test" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (real_run / "eval-test" / "report.md").read_text()
     assert "Sensitivity" in report and "Per patient" in report
+    # PPV at real smears' prevalence, from the same sensitivity and specificity (Bayes' rule)
+    sens, spec = m["metrics"]["sensitivity"]["value"], m["metrics"]["specificity"]["value"]
+    at1 = m["at_prevalence"]["0.01"]
+    assert abs(at1["ppv"] - sens * 0.01 / (sens * 0.01 + (1 - spec) * 0.99)) < 1e-9
+    assert at1["ppv"] < m["at_prevalence"]["0.5"]["ppv"] and "| 1% |" in report
 
 
 def _split_rows(run: Path) -> list[list[str]]:

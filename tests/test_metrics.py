@@ -533,3 +533,14 @@ def test_clustered_proportion_at_zero_and_empty():
     assert e.total == 0 and np.isnan(e.estimate)
     with pytest.raises(ValueError):
         clustered_proportion([3], [2])
+
+
+def test_predictive_values_at_stated_prevalence_by_hand():
+    from malaria_cells.metrics import predictive_values
+
+    # 1,000 cells at 1 %: 10 infected (9 found at sensitivity 0.9), 990 uninfected (9.9 false alarms at 0.99)
+    v = predictive_values(0.9, 0.99, 0.01)
+    assert abs(v["ppv"] - 9 / (9 + 9.9)) < 1e-12
+    assert abs(v["npv"] - 980.1 / (980.1 + 1)) < 1e-12
+    assert predictive_values(0.9, 0.99, 0.5)["ppv"] > 0.98
+    assert np.isnan(predictive_values(0.0, 1.0, 0.01)["ppv"])  # nothing called: undefined

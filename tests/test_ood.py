@@ -92,3 +92,18 @@ def test_segment_puts_a_loose_crop_back_on_black(cells):
     assert abs(seg.probability - crop.probability) < 0.1  # and the model answers as for the NIH crop
     with pytest.raises(ValueError, match="segment"):
         Classifier.load(segment="sometimes")
+
+
+def test_serve_takes_an_operating_point(share):
+    from fastapi.testclient import TestClient
+
+    from malaria_cells.serve import ServeConfig, create_app
+
+    app = create_app(config=ServeConfig(operating_point="high_specificity"))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        card = client.get("/api/v1/model").json()
+        points = card["operating_points"]
+        assert card["threshold_in_use"] == pytest.approx(points["high_specificity"]) != card["threshold"]
+        cell = sorted((share / "Parasitized").glob("*.webp"))[0]
+        body = client.post("/api/v1/predict", files=[("files", (cell.name, cell.read_bytes()))]).json()
+        assert body["results"][0]["threshold"] == pytest.approx(points["high_specificity"])

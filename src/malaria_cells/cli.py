@@ -627,6 +627,7 @@ def export_cmd(
 @app.command("serve")
 def serve_cmd(
     model: ModelOpt = None,
+    operating_point: OperatingPointOpt = None,
     detector: Annotated[
         Path | None, typer.Option(help="Cell detector ONNX for field photos (default: the shipped one).")
     ] = None,
@@ -670,6 +671,7 @@ def serve_cmd(
         decode_timeout_s=decode_timeout,
         header_timeout_s=header_timeout,
         allowed_hosts=tuple(allowed_host or ()),
+        operating_point=operating_point,
     )
     serve(model=model, detector=detector, host=host, port=port, config=config)
 

@@ -312,6 +312,10 @@ def evaluate_run(
         "metrics": {k: ci[k] for k in ci},
         "point": point,
         "confusion": cm,
+        "at_prevalence": {
+            f"{q:g}": M.predictive_values(ci["sensitivity"]["value"], ci["specificity"]["value"], q)
+            for q in M.PREVALENCES
+        },
         "bootstrap": {"unit": "patient", "resamples": n_boot, "seed": seed, "interval": "95% percentile"},
         "inference_cells_per_s": pred.cells_per_s,
         "per_patient": per_patient,
@@ -411,6 +415,16 @@ def render_report(result: dict, meta: dict, *, has_curves: bool) -> str:
         "|---|---|",
     ]
     lines += [f"| {label} | {format_ci(m[key])} |" for key, label in REPORT_METRICS]
+    if result.get("at_prevalence"):
+        lines += [
+            "",
+            "PPV and NPV at other shares of infected cells (the same sensitivity and specificity; real smears are at",
+            "1-5 % or less, where most positive calls are false unless specificity is very high):",
+            "",
+            "| share of infected cells | PPV | NPV |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {float(q):.0%} | {v['ppv']:.3f} | {v['npv']:.4f} |" for q, v in result["at_prevalence"].items()]
     cm = result["confusion"]
     lines += [
         "",

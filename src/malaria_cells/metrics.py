@@ -577,3 +577,28 @@ def clustered_proportion(counts: ArrayLike, totals: ArrayLike, *, level: float =
     low = 0.0 if x_eff <= 0 else float(beta.ppf(alpha / 2, x_eff, n_eff - x_eff + 1))
     high = 1.0 if x_eff >= n_eff else float(beta.ppf(1 - alpha / 2, x_eff + 1, n_eff - x_eff))
     return Proportion(int(round(n_pos)), int(round(n_total)), p, low, high, deff, k)
+
+
+PREVALENCES = (0.01, 0.05, 0.5)  # shares of infected cells at which PPV and NPV are reported besides the data's own
+
+
+def predictive_values(sensitivity: float, specificity: float, prevalence: float) -> dict[str, float]:
+    """PPV and NPV at a given prevalence (Bayes' rule), from a test's sensitivity and specificity.
+
+    A test set's own PPV reflects its own share of infected cells (~50 % in the NIH set); at the 1-5 % of a real
+    smear the same sensitivity and specificity give a far lower PPV.
+
+    Args:
+        sensitivity: P(called infected | infected).
+        specificity: P(called uninfected | uninfected).
+        prevalence: share of infected cells (0-1).
+
+    Returns:
+        {"ppv": ..., "npv": ...}; NaN where undefined.
+    """
+    tp, fn = sensitivity * prevalence, (1 - sensitivity) * prevalence
+    tn, fp = specificity * (1 - prevalence), (1 - specificity) * (1 - prevalence)
+    return {
+        "ppv": tp / (tp + fp) if tp + fp > 0 else float("nan"),
+        "npv": tn / (tn + fn) if tn + fn > 0 else float("nan"),
+    }

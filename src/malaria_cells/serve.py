@@ -190,6 +190,7 @@ class ServeConfig:
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
     allowed_hosts: tuple[str, ...] = ()
+    operating_point: str | None = None  # a named threshold of the model for cells (None: its default threshold)
 
     def __post_init__(self) -> None:
         _positive("max_upload_mb", self.max_upload_mb)
@@ -530,7 +531,9 @@ class ServiceState:
 
         cfg = self.config
         if self.classifier is None:
-            self.classifier = await run_in_threadpool(Classifier.load, self.model, threads=cfg.model_threads)
+            self.classifier = await run_in_threadpool(
+                lambda: Classifier.load(self.model, threads=cfg.model_threads, operating_point=cfg.operating_point)
+            )
             self.owns_classifier = True
         # The detector is small (~0.2 MB, loads in milliseconds): loaded now, so a bad --detector fails at start-up
         # and the first photo does not pay for it.
@@ -539,7 +542,11 @@ class ServiceState:
             det = await run_in_threadpool(lambda: Detector(self.detector, threads=cfg.model_threads))
         # keep_crops costs nothing more (the crops and the photo exist anyway; it keeps references) and is never
         # switched per request, so concurrent requests cannot race on it.
-        self.analyzer = SmearAnalyzer(classifier=self.classifier, detector=det, keep_crops=True)
+        # Field photos: the given operating point, else the model's high-specificity point (smears are screened at
+        # low parasitemia; see smear.SMEAR_OPERATING_POINT).
+        self.analyzer = SmearAnalyzer(
+            classifier=self.classifier, detector=det, keep_crops=True, operating_point=cfg.operating_point or "auto"
+        )
         self.slots = ModelSlots(cfg.workers)
         self.photo_slots = asyncio.Semaphore(cfg.photo_slots)
         self.decode_pool = ThreadPoolExecutor(cfg.decoders, thread_name_prefix="serve-decode")
