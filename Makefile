@@ -14,13 +14,13 @@ BENCH_ARGS ?=
 QUICK := $(findstring --quick,$(BENCH_ARGS))
 # emfet_compare.py needs a by-patient split: the shipped model's run's when it is there, else the same one
 # (`data split`, seed 0, the defaults `train` uses) made on the spot.
-BENCH_SPLIT := $(or $(wildcard runs/custom-cnn-48/split.csv),benchmarks/results/split.csv)
+BENCH_SPLIT := $(or $(firstword $(wildcard runs/custom-cnn-48-stain/split.csv runs/custom-cnn-48/split.csv)),benchmarks/results/split.csv)
 # emfet runs at 1 thread, its fastest: its forest's n_jobs=2 made it slower here (770 -> 414 cells/s,
 # emfet_threads2.json), and every model gets the same thread count; the full run also measures 2 threads each and ours
 # with a decoding process (emfet_decode_processes.json). Our trained runs (where this machine has them) are put beside
 # emfet too: their test metrics come from their own evaluation on the same test patients, their speed is measured in
 # the same run.
-BENCH_RUNS := $(wildcard runs/custom-cnn-48 runs/reproduce-full/custom-cnn-scratch \
+BENCH_RUNS := $(wildcard runs/custom-cnn-48-stain runs/custom-cnn-48 runs/reproduce-full/custom-cnn-scratch \
 	runs/reproduce-full/efficientnet-lite0-frozen runs/reproduce-full/efficientnet-lite0-finetune)
 
 .PHONY: demo test lint bench benchmarks system-deps clean
