@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from harness import command_line, machine_info, save_result, spread
+from loose_crops import loose
 from PIL import Image, ImageDraw, ImageFont
 
 from malaria_cells.boxes import load_annotations
@@ -29,7 +30,7 @@ from malaria_cells.preprocess import load_image
 from malaria_cells.split import make_split
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LIGHT = (222, 228, 218)
+BLACK_MARGIN = 10.0  # levels above the training cells' border brightness before "background not black"
 
 
 def nih_split(share: Path) -> dict[str, list]:
@@ -76,9 +77,6 @@ def fit(train: list, root: str, n: int) -> dict:
             "texture_99.9": float(np.percentile(texture, 99.9)),
         },
     }
-
-
-BLACK_MARGIN = 10.0  # levels above the training cells' border brightness before "background not black"
 
 
 def bank(val: list, root: str, iml: Path, n: int, rng: np.random.Generator) -> dict[str, list[np.ndarray]]:
@@ -145,16 +143,7 @@ def bank(val: list, root: str, iml: Path, n: int, rng: np.random.Generator) -> d
     out["blank"] = [np.full((100, 100, 3), v, np.uint8) for v in (0, 255, 128, 30)]
     cells = [rgb_of(im, root) for im in spread(val, n)]
     out["grayscale cells"] = [np.repeat(c.mean(2, keepdims=True), 3, 2).astype(np.uint8) for c in cells]
-    loose = []
-    for c in cells:
-        h, w = c.shape[:2]
-        canvas = np.empty((h * 2, w * 2, 3), np.uint8)
-        canvas[:] = LIGHT
-        cell = c.max(2) > BLACK_LEVEL
-        sub = canvas[h // 2 : h // 2 + h, w // 2 : w // 2 + w]
-        sub[cell] = c[cell]
-        loose.append(canvas)
-    out["loose crops (50 % light margin)"] = loose
+    out["loose crops (50 % light margin)"] = [loose(c) for c in cells]
     small = []
     for c in cells:
         h, w = c.shape[:2]
@@ -171,9 +160,6 @@ def bank(val: list, root: str, iml: Path, n: int, rng: np.random.Generator) -> d
             raw.append(rgb[y : y + h, x : x + w])
     out["other lab's box crops"] = raw
     return out
-
-
-BLACK_LEVEL = 20
 
 
 def main() -> None:

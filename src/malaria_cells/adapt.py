@@ -87,8 +87,10 @@ def lab_cells(*, data: Path, annotations: Path | None, size: int) -> LabCells:
     Returns:
         The cells.
     """
+    from PIL import Image
+
     from malaria_cells.preprocess import ImageError, letterbox, load_image
-    from malaria_cells.segment import on_black
+    from malaria_cells.segment import on_black, segment_crop
 
     images, labels, groups = [], [], []
     if annotations is not None:
@@ -114,16 +116,14 @@ def lab_cells(*, data: Path, annotations: Path | None, size: int) -> LabCells:
                     log.warning("skipped %s", e)
                     continue
                 rgb = np.asarray(img)
-                if on_black(rgb):
-                    crop = letterbox(img, size)
-                else:
-                    h, w = rgb.shape[:2]
-                    crops, _, ok, _ = crop_cells(rgb, np.array([[0, 0, w, h]], float), size=size)
-                    if not ok[0]:
+                if not on_black(rgb):
+                    # The segmenter predict --segment uses, so the lab's cells are trained on as they are classified.
+                    cell = segment_crop(rgb)
+                    if cell is None:
                         log.warning("skipped %s: no cell found in the crop", f)
                         continue
-                    crop = crops[0]
-                images.append(crop[None])
+                    img = Image.fromarray(cell)
+                images.append(letterbox(img, size)[None])
                 labels.append(np.array([label]))
                 groups.append(f.name)
         source = Path(data).name

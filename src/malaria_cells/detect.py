@@ -62,6 +62,26 @@ class DetectorMeta:
         }
 
 
+def on_border(boxes: np.ndarray, *, width: int, height: int) -> np.ndarray:
+    """Which boxes touch the photo's edge within :data:`BORDER_PX` (the cell is cut by the border).
+
+    Args:
+        boxes: (N, 4) x, y, w, h in px of the photo.
+        width: the photo's width in px.
+        height: its height.
+
+    Returns:
+        bool (N,).
+    """
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return (
+        (b[:, 0] <= BORDER_PX)
+        | (b[:, 1] <= BORDER_PX)
+        | (b[:, 0] + b[:, 2] >= width - BORDER_PX)
+        | (b[:, 1] + b[:, 3] >= height - BORDER_PX)
+    )
+
+
 @dataclass
 class Detections:
     """Cells found in one photo."""
@@ -181,8 +201,8 @@ def decode(heat: np.ndarray, box: np.ndarray, *, meta: DetectorMeta, shape: tupl
     y0 = np.clip(boxes[:, 1], 0, height)
     x1 = np.clip(boxes[:, 0] + boxes[:, 2], 0, width)
     y1 = np.clip(boxes[:, 1] + boxes[:, 3], 0, height)
-    border = (x0 <= BORDER_PX) | (y0 <= BORDER_PX) | (x1 >= width - BORDER_PX) | (y1 >= height - BORDER_PX)
     boxes = np.stack([x0, y0, x1 - x0, y1 - y0], 1).astype(np.float32)
+    border = on_border(boxes, width=width, height=height)
     keep = (boxes[:, 2] >= 2) & (boxes[:, 3] >= 2)
     order = np.argsort(-scores[keep], kind="stable")
     return Detections(boxes[keep][order], scores[keep][order], border[keep][order])

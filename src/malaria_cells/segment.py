@@ -136,7 +136,8 @@ def cell_masks(
     """:func:`cell_mask` for a batch of equal-size crops at once (the smear pipeline's hot path: ~150 cells a photo).
 
     Every step is one array operation over the batch (3-D structuring elements that never connect two crops), which
-    is ~10x faster than a loop of :func:`cell_mask` calls and gives the same masks.
+    is ~10x faster than a loop of :func:`cell_mask` calls. The steps are the same; the background, when not given,
+    is taken from each crop's smoothed border (``cell_mask`` reads the raw border), so masks can differ at the edge.
 
     Args:
         crops: uint8 (N, S, S, 3), each centred on a cell.

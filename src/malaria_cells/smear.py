@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from malaria_cells.boxes import FieldBoxes
-from malaria_cells.detect import BORDER_PX, Detections, Detector
+from malaria_cells.detect import Detections, Detector, on_border
 from malaria_cells.errors import ModelError
 from malaria_cells.metrics import Proportion, clustered_proportion
 from malaria_cells.predict import Classifier, to_image
@@ -199,7 +199,8 @@ def crop_cells(
         rgb: uint8 (H, W, 3) photo.
         boxes: (N, 4) x, y, w, h in px of the photo.
         size: the classifier's input side.
-        background: the photo's background level in the green channel (default: each crop's own border).
+        background: the photo's background level in the green channel, for the dark share (default:
+            :func:`background_level`); each mask takes its background from its own crop's border.
 
     Returns:
         (uint8 (N, size, size, 3) crops on black, mask areas in px of the photo (N,), usable (N,) bool: a mask
@@ -354,13 +355,7 @@ class SmearAnalyzer:
         height, width = rgb.shape[:2]
         if boxes is not None:
             b = boxes.boxes.astype(np.float32)
-            border = (
-                (b[:, 0] <= BORDER_PX)
-                | (b[:, 1] <= BORDER_PX)
-                | (b[:, 0] + b[:, 2] >= width - BORDER_PX)
-                | (b[:, 1] + b[:, 3] >= height - BORDER_PX)
-            )
-            det = Detections(b, np.full(len(b), np.nan, np.float32), border)
+            det = Detections(b, np.full(len(b), np.nan, np.float32), on_border(b, width=width, height=height))
             truth: list[int | None] = [int(v) for v in boxes.labels]
         else:
             det = self.detector(rgb)

@@ -20,11 +20,10 @@ import numpy as np
 from malaria_cells import metrics as M
 from malaria_cells import progress
 from malaria_cells.boxes import FieldBoxes, load_annotations, match
-from malaria_cells.detect import BORDER_PX
+from malaria_cells.detect import on_border
 from malaria_cells.smear import FieldResult, SmearAnalyzer
 
 log = logging.getLogger(__name__)
-PREVALENCES = (0.01, 0.05, 0.5)  # PPV / NPV are reported at these shares of infected cells, too
 
 
 @dataclass
@@ -56,15 +55,6 @@ class PhotoScore:
         return 100 * self.truth_infected / self.truth_counted if self.truth_counted else float("nan")
 
 
-def _border(b: np.ndarray, width: int, height: int) -> np.ndarray:
-    return (
-        (b[:, 0] <= BORDER_PX)
-        | (b[:, 1] <= BORDER_PX)
-        | (b[:, 0] + b[:, 2] >= width - BORDER_PX)
-        | (b[:, 1] + b[:, 3] >= height - BORDER_PX)
-    )
-
-
 def score_photo(result: FieldResult, truth: FieldBoxes) -> tuple[PhotoScore, np.ndarray, np.ndarray, np.ndarray]:
     """Match one photo's cells to its annotated boxes.
 
@@ -79,7 +69,7 @@ def score_photo(result: FieldResult, truth: FieldBoxes) -> tuple[PhotoScore, np.
     pred = np.array([[c.x, c.y, c.w, c.h] for c in cells], np.float64).reshape(-1, 4)
     inner = np.array([not c.on_border for c in cells], bool)
     tb = truth.boxes.astype(np.float64)
-    t_border = _border(tb, result.width, result.height)
+    t_border = on_border(tb, width=result.width, height=result.height)
     r5, c5 = match(pred, tb, iou=0.5)
     r3, _ = match(pred, tb, iou=0.3)
     unmatched_t = np.setdiff1d(np.arange(len(tb)), c5)
@@ -213,10 +203,8 @@ def _metrics(
         for name in ("sensitivity", "specificity", "roc_auc", "ppv", "npv", "accuracy"):
             classification[name] = ci[name]
         sens, spec = ci["sensitivity"]["value"], ci["specificity"]["value"]
-        classification["ppv_at_prevalence"] = {
-            f"{q:g}": (sens * q) / (sens * q + (1 - spec) * (1 - q)) if sens * q + (1 - spec) * (1 - q) else None
-            for q in (*PREVALENCES, float(y.mean()))
-        }
+        ppv = {f"{q:g}": M.predictive_values(sens, spec, q)["ppv"] for q in (*M.PREVALENCES, float(y.mean()))}
+        classification["ppv_at_prevalence"] = {q: None if np.isnan(v) else v for q, v in ppv.items()}
     parasitemia = {
         "true_pooled_pct": ratio("truth_infected", "truth_counted"),
         "called_pooled_pct": ratio("infected", "counted"),
