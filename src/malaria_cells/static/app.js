@@ -29,7 +29,7 @@ async function loadModel() {
     state.maxFiles = (card.limits && card.limits.max_files) || 32;
     const q = card.quantization && card.quantization.precision ? `, ${card.quantization.precision}` : "";
     $("model").textContent =
-      `Model: ${card.model} (${card.backend}${q}) · Parasitized when P ≥ ${Number(card.threshold).toFixed(3)}` +
+      `Model: ${card.model} (${card.backend}${q}) · Parasitized when P ≥ ${Number(card.threshold_in_use ?? card.threshold).toFixed(3)}` +
       (card.explainable ? " · Grad-CAM heatmaps on" : "") +
       (card.detector ? ` · cell detector ${card.detector.source}` : "");
   } catch (e) {
@@ -167,8 +167,11 @@ function showField(body) {
   if (s.other_objects) {
     left.push(`${s.other_objects} other object${s.other_objects === 1 ? "" : "s"} (white cells, debris)`);
   }
+  // Field photos are classified at the pipeline's threshold (the model's high-specificity point when it has one),
+  // which is not the single-cell threshold in the page header: say which.
   $("counts").textContent = `${s.infected} infected of ${s.cells} counted red cells` +
-    (left.length ? ` · not counted: ${left.join(", ")}` : "");
+    (left.length ? ` · not counted: ${left.join(", ")}` : "") +
+    ` · infected when P ≥ ${Number(body.model.threshold).toFixed(3)}`;
   $("field-warning").hidden = !s.warning;
   $("field-warning").textContent = s.warning || "";
   const img = $("overlay");
