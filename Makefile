@@ -6,8 +6,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Re-install when pyproject.toml changes.
-STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+# Re-install when pyproject.toml or constraints.txt (the exact versions tested together) changes.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 
 # Extra arguments for the benchmark scripts that take them (inference_matrix.py, scaling.py), e.g. --quick.
 BENCH_ARGS ?=
@@ -56,10 +56,12 @@ bench: $(STAMP)
 
 benchmarks: bench
 
-$(STAMP): pyproject.toml
+# Everything (the train extra too) at the versions of constraints.txt; `pip install .` alone is the inference-only
+# install (predict, smear, serve), without torch.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,dev,bench]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

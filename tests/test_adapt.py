@@ -109,3 +109,27 @@ def test_adapt_writes_a_run_with_operating_points_and_a_report(tmp_path, small_r
     assert err.value.code == "operating_point_unknown"
     with pytest.raises(FileExistsError):
         adapt(run=small_run, data=photos, annotations=ann, out=out, config=cfg)
+
+
+def test_adapt_scores_a_calibrated_base_with_its_temperature_and_stores_none(tmp_path, small_run):
+    from malaria_cells.adapt import lab_cells
+    from malaria_cells.backends import OnnxBackend, TorchBackend, probabilities
+
+    base = Run.open(small_run)
+    meta = base.meta.to_dict()
+    meta.update(temperature=4.0, temperature_fitted_on="a test's choice")
+    base.save_meta(meta)
+    photos, ann = _lab(tmp_path)
+    cfg = AdaptConfig(epochs=1, batch_size=16, val_fraction=0.3, test_fraction=0.2, threads=1)
+    result = adapt(run=small_run, data=photos, annotations=ann, out=tmp_path / "adapted", config=cfg, n_boot=20)
+    # the base as its users see it: probabilities at T = 4 against its threshold (on that scale)
+    cells = lab_cells(data=photos, annotations=ann, size=base.meta.prep.input_size)
+    assign = block_split(cells.groups, val_fraction=0.3, test_fraction=0.2)
+    test = np.array([assign[g] == "test" for g in cells.groups])
+    p = probabilities(TorchBackend(small_run, device="cpu"), cells.images[test])
+    before = result.report["test"]["before, its own threshold"]
+    assert before["parasitemia_called_pct"] == pytest.approx(100 * float((p >= base.meta.threshold).mean()))
+    # the adapted model's thresholds are on its raw probabilities: it stores no temperature
+    adapted = Run.open(result.out).meta
+    assert adapted.temperature is None and "temperature_fitted_on" not in adapted.to_dict()
+    assert OnnxBackend(result.onnx).temperature == 1.0

@@ -49,6 +49,11 @@ LEVELS: dict[str, int] = {
     **dict.fromkeys(("backends", "inputs", "detect"), 3),
     # 4: the commands' library functions
     **dict.fromkeys(("train", "evaluate", "export", "explain", "predict", "ensemble", "card", "reproduce"), 4),
+    # 4: temperature scaling (fits on a split's logits through a backend; adapt's operating-points step uses it)
+    "calibrate": 4,
+    "heatmaps": 4,  # occlusion heatmaps (any backend) and the drawing explain shares
+    # 4: patient-level cross-validation (above reproduce's training helpers) and the label audit of its predictions
+    **dict.fromkeys(("cv", "audit"), 4),
     # 4: field photos: the detector's trainer, the smear pipeline (above predict's Classifier) and its evaluation
     **dict.fromkeys(("detect_train", "smear", "smear_eval", "adapt"), 4),
     # 5: the web service
@@ -58,7 +63,7 @@ LEVELS: dict[str, int] = {
 }
 # Who may import malaria_cells.train: the trainer is for training; reading a run goes through malaria_cells.run.
 # (benchmarks/ are outside the package and may import it too.)
-TRAIN_IMPORTERS = frozenset({"train", "cli", "reproduce"})
+TRAIN_IMPORTERS = frozenset({"train", "cli", "reproduce", "cv"})
 # The library never prints: only the command line's own modules use rich (cli; terminal, its progress bars and log
 # handler; render, its output formats), and only cli imports terminal or render.
 TERMINAL_SIDE = frozenset({"cli", "terminal", "render"})

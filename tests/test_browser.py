@@ -38,15 +38,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``malaria-cells serve`` on a free port with the tiny torch run (so heatmaps are on); yields its URL."""
-    run, _, _ = tiny_run(tmp_path_factory.getbasetemp() / "deploy")
+def _serve(tmp_path_factory: pytest.TempPathFactory, *args: str) -> Iterator[str]:
+    """``malaria-cells serve ARGS`` on a free port until the generator is closed; yields its URL."""
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "malaria_cells.cli", "serve", "--model", str(run), "--port", str(port)],
+            [sys.executable, "-m", "malaria_cells.cli", "serve", *args, "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "MALARIA_CELLS_QUIET": "1"},
@@ -72,6 +70,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``malaria-cells serve`` with the tiny torch run (so heatmaps are Grad-CAM); yields its URL."""
+    run, _, _ = tiny_run(tmp_path_factory.getbasetemp() / "deploy")
+    yield from _serve(tmp_path_factory, "--model", str(run))
+
+
+@pytest.fixture(scope="module")
+def shipped_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``malaria-cells serve`` as a user starts it: the shipped ONNX model (heatmaps by occlusion); yields its URL."""
+    yield from _serve(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +128,48 @@ def test_upload_a_real_cell_and_read_the_result(server: str, browser, share: Pat
     heat = card.locator("[data-testid=heatmap]")
     heat.wait_for()
     assert heat.evaluate("img => img.complete && img.naturalWidth > 0")
+    assert card.locator("figcaption").all_inner_texts() == ["Grad-CAM"]  # the preview has no redundant caption
+    _threshold_tick_is_labelled(card, expected["threshold"])
     assert "1 classified" in page.inner_text("#status")
+    # A desktop can drop files: the zone says so (and says click, not tap).
+    drop = page.inner_text("#drop")
+    assert "Drop cell images here" in drop and "click to choose" in drop and "Choose cell images" not in drop
     page.screenshot(path=str(tmp_path / "desktop.png"), full_page=True)
     _only_local(requests, server)
+
+
+def _threshold_tick_is_labelled(card, threshold: float) -> None:
+    """The bar's threshold tick carries its value, under the tick and inside the card."""
+    label = card.locator("[data-testid=threshold]")
+    assert label.inner_text() == f"threshold {threshold:.3f}"
+    tick, box, outer = card.locator(".thr").bounding_box(), label.bounding_box(), card.bounding_box()
+    assert tick and box and outer
+    assert box["x"] >= outer["x"] and box["x"] + box["width"] <= outer["x"] + outer["width"], (box, outer)
+    assert box["y"] >= tick["y"] + tick["height"] - 1  # below the bar, not over it
+    if 0.25 <= threshold <= 0.75:  # centred under the tick (near an end it is aligned to that end)
+        assert abs(box["x"] + box["width"] / 2 - (tick["x"] + tick["width"] / 2)) <= 2, (box, tick)
+
+
+def test_shipped_onnx_model_shows_occlusion_heatmaps(shipped_server: str, browser, share: Path, tmp_path: Path) -> None:
+    cell = sorted((share / "Parasitized").glob("*.webp"))[0]
+    api = httpx.post(
+        f"{shipped_server}/api/v1/predict?heatmap=true", files={"files": (cell.name, cell.read_bytes())}, timeout=60
+    ).json()
+    expected = api["results"][0]
+    assert api["model"]["backend"] == "onnx" and expected["heatmap"].startswith("data:image/png;base64,")
+    page, requests = _page(browser, shipped_server)
+    page.locator("#model", has_text="Model:").wait_for()
+    assert "heatmaps: occlusion map" in page.inner_text("#model")
+    page.set_input_files("#files", str(cell))
+    card = page.locator("[data-testid=result][data-state=done]")
+    card.wait_for(timeout=60_000)
+    heat = card.locator("[data-testid=heatmap]")
+    heat.wait_for()
+    assert heat.get_attribute("src") == expected["heatmap"]  # the page shows the API's heatmap, nothing else
+    assert heat.evaluate("img => img.complete && img.naturalWidth > 0")
+    assert card.locator("figcaption").all_inner_texts() == ["occlusion map"]
+    _threshold_tick_is_labelled(card, expected["threshold"])
+    _only_local(requests, shipped_server)
 
 
 def test_bad_file_shows_its_error_and_good_ones_still_classify(
@@ -148,6 +198,12 @@ def test_phone_width_layout_and_screenshot(server: str, browser, share: Path, tm
     assert overflow <= 0, f"page is {overflow}px wider than a phone screen"
     box = page.locator("#drop").bounding_box()
     assert box and box["width"] <= PHONE["width"] and box["x"] >= 0
+    # Nothing can be dropped on a phone: the zone says choose instead.
+    drop = page.inner_text("#drop")
+    assert "Choose cell images" in drop and "Drop" not in drop and "click" not in drop, drop
+    first = page.locator("[data-testid=result][data-state=done]").first
+    assert first.locator("figcaption").all_inner_texts() == ["Grad-CAM"]
+    _threshold_tick_is_labelled(first, httpx.get(f"{server}/api/v1/model", timeout=10).json()["threshold_in_use"])
     shot = tmp_path / "phone.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
@@ -175,6 +231,8 @@ def test_field_photo_mode_on_a_phone(server: str, browser, tmp_path: Path) -> No
     page, requests = _page(browser, server, viewport=PHONE)
     page.click("#tab-field")
     assert page.locator("#mode-field").is_visible() and not page.locator("#mode-cells").is_visible()
+    field_drop = page.inner_text("#field-drop")
+    assert "Choose or take a field photo" in field_drop and "Drop" not in field_drop, field_drop
     assert page.locator(".notice", has_text="not for diagnosis").is_visible()  # the disclaimer stays in view
     page.set_input_files("#photo", str(photo))
     page.locator("#field-result[data-state=done]").wait_for(timeout=60_000)
@@ -224,8 +282,9 @@ def test_field_mode_is_kept_in_the_address(server: str, browser) -> None:
     assert page.locator("#drop").is_visible() and not page.locator("#mode-field").is_visible()
 
 
-def test_docs_page_renders_offline(server: str, browser) -> None:
-    page, requests = _page(browser, f"{server}/docs")
+@pytest.mark.parametrize("path", ["/docs", "/redoc"])
+def test_docs_page_renders_offline(server: str, browser, path: str) -> None:
+    page, requests = _page(browser, f"{server}{path}")
     page.locator("[data-testid=route]").nth(2).wait_for()
     text = page.inner_text("#api")
     for route in ("POST /api/v1/predict", "POST /api/v1/smear", "GET /api/v1/health", "GET /api/v1/model"):

@@ -51,7 +51,7 @@ def test_yaml_strings_are_coerced_and_bad_values_refused(tmp_path):
         ({"split": "random"}, "split"),
         ({"feature_views": 9}, "feature_views"),
         ({"val_fraction": 0.5}, "val_fraction"),
-        ({"test_fraction": 0}, "test_fraction"),
+        ({"test_fraction": -0.1}, "test_fraction"),
     ],
 )
 def test_out_of_range_values_are_errors(overrides, field):

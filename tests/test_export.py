@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from deploy_helpers import tiny_onnx, tiny_run
 from malaria_cells import export as E
-from malaria_cells.backends import CARD_KEYS, ONNX_FORMAT, ONNX_INPUT, TorchBackend, probabilities
+from malaria_cells.backends import CARD_KEYS, ONNX_FORMAT, ONNX_INPUT, OnnxBackend, TorchBackend, probabilities
 from malaria_cells.cli import app
 from malaria_cells.predict import Classifier
 from malaria_cells.preprocess import Preprocessing
@@ -42,6 +42,7 @@ def test_fp32_export_parity_metadata_and_dynamic_batch(base: Path, tmp_path: Pat
     for key in ("class_names", "preprocessing", "threshold", "model", "data_manifest_sha256"):
         assert meta[key] == run_meta[key], key
     assert meta["package_version"] and meta["created"] and meta["quantization"] == {"precision": "fp32"}
+    assert run_meta.get("temperature") is None and meta["temperature"] == 1.0  # no fit: written as T = 1 for clients
     assert meta["parity_max_abs_diff_prob"] == pytest.approx(report.parity_max_abs_diff_prob)
     # uint8 NHWC input with a dynamic batch axis, as documented
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
@@ -55,6 +56,30 @@ def test_fp32_export_parity_metadata_and_dynamic_batch(base: Path, tmp_path: Pat
         assert logit.shape == (n,) and prob.shape == (n,)
         assert np.max(np.abs(prob - ref[:n])) <= 1e-4
         assert np.allclose(prob, 1 / (1 + np.exp(-logit)), atol=1e-6)
+
+
+def test_export_parity_with_a_stored_temperature(base: Path, tmp_path: Path) -> None:
+    run, data, cache = tiny_run(base)
+    warm = tmp_path / "run"
+    shutil.copytree(run, warm, ignore=shutil.ignore_patterns("*.onnx"))
+    meta = Run.open(warm).meta.to_dict()
+    meta["temperature"] = 2.5
+    Run(warm).save_meta(meta)
+    report = E.export_run(run_dir=warm, out=tmp_path / "m.onnx", data_dir=data, cache_dir=str(cache))
+    assert report.parity_max_abs_diff_prob <= 1e-4  # torch and ONNX both divide by T
+    stamped = _metadata(tmp_path / "m.onnx")
+    assert stamped["temperature"] == 2.5 and "logit / temperature" in stamped["output"]
+    images = E.synthetic_cells(16, meta["preprocessing"]["input_size"], seed=2)
+    onnx_backend, torch_backend = OnnxBackend(tmp_path / "m.onnx"), TorchBackend(warm, device="cpu")
+    assert onnx_backend.temperature == torch_backend.temperature == 2.5
+    p_onnx, p_torch = probabilities(onnx_backend, images), probabilities(torch_backend, images)
+    assert np.abs(p_onnx - p_torch).max() <= 1e-4
+    # the graph's own outputs stay raw; the backend's probability is sigmoid(logit / T)
+    logit, graph_prob = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {ONNX_INPUT: images}
+    )
+    assert np.allclose(graph_prob, 1 / (1 + np.exp(-logit)), atol=1e-6)
+    assert np.allclose(p_onnx, 1 / (1 + np.exp(-logit.astype(np.float64) / 2.5)), atol=1e-6)
 
 
 def test_uint8_wrapper_matches_the_training_normalisation() -> None:

@@ -68,6 +68,11 @@ CASES: list[tuple[str, Callable[[Path], Path]]] = [
         lambda p: plots.plot_comparison([{"name": "m", "value": 0.9, "low": None, "high": 0.95}], p),
     ),
     ("comparison_empty", lambda p: plots.plot_comparison([], p, metric="roc_auc")),
+    (
+        "reliability_before_after",
+        lambda p: plots.plot_reliability_comparison(Y, {"before": PROB, "after": np.sqrt(PROB)}, p, "Rel"),
+    ),
+    ("reliability_before_after_empty", lambda p: plots.plot_reliability_comparison([], {"before": []}, p)),
 ]
 
 
@@ -121,6 +126,11 @@ OTHER_INPUTS: list[tuple[str, Callable[[Path], Path], Callable[[Path], Path]]] =
         lambda p: plots.plot_reliability(Y, RANDOM_PROB, p, "Rel"),
     ),
     (
+        "reliability_before_after",
+        lambda p: plots.plot_reliability_comparison(Y, {"before": PROB, "after": PROB}, p),
+        lambda p: plots.plot_reliability_comparison(Y, {"before": PROB, "after": RANDOM_PROB}, p),
+    ),
+    (
         "confusion",
         lambda p: plots.plot_confusion({"tp": 40, "fp": 5, "tn": 50, "fn": 5}, p, "CM"),
         lambda p: plots.plot_confusion({"tp": 5, "fp": 50, "tn": 5, "fn": 40}, p, "CM"),
@@ -169,6 +179,17 @@ def test_comparison_grows_with_its_rows(tmp_path: Path) -> None:
 def test_curves_refuse_input_they_would_misdraw(tmp_path: Path, plot: Callable, y: list, prob: list) -> None:
     with pytest.raises(ValueError):
         plot(y, prob, tmp_path / "x.png", "t")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "probs",
+    [{}, {"before": [0.2, 0.7], "after": [0.2, float("nan")]}, {"before": [0.2, 1.5]}, {"before": [0.2, 0.5, 0.7]}],
+    ids=["no-sets", "nan-in-one-set", "above-one", "lengths"],
+)
+def test_reliability_comparison_refuses_bad_sets(tmp_path: Path, probs: dict) -> None:
+    with pytest.raises(ValueError):
+        plots.plot_reliability_comparison([0, 1], probs, tmp_path / "x.png")
     assert list(tmp_path.iterdir()) == []
 
 

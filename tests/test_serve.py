@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -23,6 +24,7 @@ from PIL import Image, ImageDraw
 from deploy_helpers import bad_and_odd_images, live_server, png_bytes, run_python, tiny_onnx, tiny_run
 from malaria_cells import serve as serve_module
 from malaria_cells.errors import EXIT_UNAVAILABLE, EXIT_USAGE, ConfigError
+from malaria_cells.heatmaps import occlusion_map, overlay
 from malaria_cells.predict import Classifier
 from malaria_cells.preprocess import MAX_PIXELS
 from malaria_cells.serve import STATIC, ServeConfig, create_app, service_state
@@ -138,6 +140,7 @@ def test_health_and_model_card(onnx_client: TestClient) -> None:
     assert health["max_requests_in_flight"] == serve_module.DEFAULT_MAX_REQUESTS and health["refused_busy"] == 0
     card = onnx_client.get("/api/v1/model").json()
     assert card["backend"] == "onnx" and card["model"] == "custom-cnn" and card["explainable"] is False
+    assert card["heatmap_method"] == "occlusion"  # no gradients in ONNX: heatmap=true paints patches over instead
     assert card["class_names"] == ["Uninfected", "Parasitized"] and 0 < card["threshold"] < 1
     assert card["source"] == "tiny.onnx"  # the name only, not the server's directories
     limits = card["limits"]
@@ -305,6 +308,28 @@ def test_torch_model_returns_gradcam_heatmaps(torch_client: TestClient, cell: Im
     assert png.format == "PNG" and png.width >= 64
     _, body = _post(torch_client, ("cell.png", png_bytes(cell)))
     assert body["results"][0]["heatmap"] is None  # only on request
+    assert card["heatmap_method"] == "grad-cam"
+
+
+def test_onnx_model_returns_occlusion_heatmaps(onnx_client: TestClient, cell: Image.Image) -> None:
+    bad = b"not an image"
+    status, body = _post(onnx_client, ("cell.png", png_bytes(cell)), ("notes.png", bad), query="?heatmap=true")
+    assert status == 415
+    good, failed = body["results"]
+    assert failed["ok"] is False and "heatmap" not in failed
+    heat = good["heatmap"]
+    assert heat is not None and heat.startswith("data:image/png;base64,")
+    png = Image.open(io.BytesIO(base64.b64decode(heat.split(",", 1)[1])))
+    size = onnx_client.get("/api/v1/model").json()["preprocessing"]["input_size"]
+    assert png.format == "PNG" and png.size == (3 * size, 3 * size)  # the model input, drawn 3x
+    # The overlay is the occlusion map of the very input the model classified.
+    clf = service_state(onnx_client.app).classifier
+    u8 = clf.prepare(cell)
+    expected, prob = occlusion_map(clf, u8)
+    assert prob == pytest.approx(good["probability"], abs=1e-6)
+    assert np.array_equal(np.asarray(png.convert("RGB")), overlay(u8, expected, scale=3))
+    _, body = _post(onnx_client, ("cell.png", png_bytes(cell)))
+    assert body["results"][0]["heatmap"] is None  # only on request
 
 
 def test_pages_and_docs_work_offline(onnx_client: TestClient) -> None:
@@ -313,6 +338,9 @@ def test_pages_and_docs_work_offline(onnx_client: TestClient) -> None:
     assert "default-src 'self'" in page.headers["content-security-policy"]
     docs = onnx_client.get("/docs")
     assert docs.status_code == 200 and "/openapi.json" in docs.text
+    redoc = onnx_client.get("/redoc")  # FastAPI's other documentation address: the same local page, no CDN
+    assert redoc.status_code == 200 and redoc.text == docs.text
+    assert "default-src 'self'" in redoc.headers["content-security-policy"]
     spec = onnx_client.get("/openapi.json").json()
     assert {"/api/v1/predict", "/api/v1/health", "/api/v1/model"} <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/api/v1/predict"]["post"]["requestBody"]["content"]
@@ -509,7 +537,7 @@ def test_serve_says_when_the_port_is_taken(base: Path) -> None:
     assert "in use" in out.stdout + out.stderr and "Traceback" not in out.stderr
 
 
-def test_onnx_service_imports_no_torch(base: Path) -> None:
+def test_onnx_service_imports_no_torch(base: Path, share: Path) -> None:
     code = (
         "import sys\n"
         "from fastapi.testclient import TestClient\n"
@@ -517,6 +545,9 @@ def test_onnx_service_imports_no_torch(base: Path) -> None:
         f"with TestClient(create_app(model={str(tiny_onnx(base))!r}), base_url='http://localhost') as c:\n"
         "    r = c.post('/api/v1/predict', files=[('files', ('x.txt', b'hello'))])\n"
         "    assert r.status_code == 415, r.text\n"
+        f"    cell = open({str(sorted((share / 'Parasitized').glob('*.webp'))[0])!r}, 'rb').read()\n"
+        "    r = c.post('/api/v1/predict?heatmap=true', files=[('files', ('cell.webp', cell))])\n"
+        "    assert r.json()['results'][0]['heatmap'].startswith('data:image/png'), r.text\n"
         "    assert c.get('/api/v1/model').json()['backend'] == 'onnx'\n"
         "print('IMPORTED', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm')))\n"
     )

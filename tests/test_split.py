@@ -65,7 +65,7 @@ def test_leaky_split_is_labelled_and_leaks(synthetic_data, tmp_path):
 
 def test_bad_fractions_rejected(synthetic_data):
     images = scan(synthetic_data).images
-    for kw in ({"test_fraction": 0.6}, {"test_fraction": 0.0}, {"val_fraction": 0.5}, {"val_fraction": -0.1}):
+    for kw in ({"test_fraction": 0.6}, {"test_fraction": -0.01}, {"val_fraction": 0.5}, {"val_fraction": -0.1}):
         with pytest.raises(ValueError):  # a ConfigError: a ValueError with a code and exit code 2
             make_split(images, **kw)
     with pytest.raises(ConfigError, match="unknown split kind") as e:
@@ -82,3 +82,10 @@ def test_leakage_error_has_a_machine_code(tmp_path, synthetic_data):
     with pytest.raises(MalariaCellsError) as e:
         load_split(path)
     assert isinstance(e.value, LeakageError) and e.value.code == "split_leaks"
+
+
+def test_a_final_fit_split_puts_every_patient_in_training(synthetic_data):
+    images = scan(synthetic_data).images
+    assert set(make_split(images, val_fraction=0, test_fraction=0).assignment.values()) == {"train"}
+    with_val = make_split(images, val_fraction=0.2, test_fraction=0)
+    assert set(with_val.assignment.values()) == {"train", "val"}  # an inner validation split, no test

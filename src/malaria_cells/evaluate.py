@@ -9,26 +9,34 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from malaria_cells import metrics as M
-from malaria_cells import plots
 from malaria_cells.backends import Backend, load_backend, probabilities
 from malaria_cells.cache import ImageCache, build_or_load
-from malaria_cells.data import CLASSES, CellImage, Scan, scan
-from malaria_cells.errors import ModelError, RunError
+from malaria_cells.data import CLASSES, CellImage, DataError, PatientIds, Scan, scan, skipped_summary
+from malaria_cells.errors import ModelError, RunError, train_extra_error
 from malaria_cells.io import atomic_write_json, atomic_write_text
 from malaria_cells.progress import task
 from malaria_cells.run import Run
 from malaria_cells.split import LEAKY
 
 log = logging.getLogger(__name__)
+
+# Below this many patients a bootstrap over patients has too few units to draw from: its intervals are unreliable.
+MIN_PATIENTS_FOR_CI = 10
+# What a user can do when the file names carry no NIH patient id (the CLI's evaluate flags).
+PATIENT_HINT = (
+    "pass --patients FILE (a CSV with columns file,patient) or --patient-regex REGEX (its first group is the "
+    "patient id), or --no-patient-ids to make every file its own group"
+)
 
 REPORT_METRICS = (
     ("accuracy", "Accuracy"),
@@ -109,6 +117,8 @@ class SplitPredictions:
     skipped: list[tuple[str, str]]  # (path, reason) of files that could not be used
     cells_per_s: float | None  # inference speed, every view included
     backend: str = "torch"  # "torch" (run folder) or "onnx"
+    patients: PatientIds = field(default_factory=PatientIds.nih)  # where the patient ids came from
+    n_files: int = 0  # files found in the data source (images and skipped ones)
 
 
 def is_run_folder(model: str | Path) -> bool:
@@ -168,6 +178,7 @@ def predict_split(
     cache_dir: str | None = None,
     threads: int | None = None,
     run_dir: Path | None = None,
+    patients: PatientIds | None = None,
 ) -> SplitPredictions:
     """Run a model on the cells of one split (from the decoded-image cache).
 
@@ -181,6 +192,7 @@ def predict_split(
         cache_dir: decoded-image cache folder.
         threads: intra-op threads when ``model`` is a path.
         run_dir: the run folder: the old name of ``model``, or the split's folder for a loaded backend.
+        patients: where patient ids come from (default: NIH file names); files without one are skipped.
 
     Returns:
         The predictions.
@@ -188,6 +200,7 @@ def predict_split(
     Raises:
         ModelError: the model cannot be loaded, or a run split asked of a model without one.
         RunError: a run split asked for without (or with a broken) ``split.csv``.
+        DataError: every file was skipped or none could be decoded (the message says why).
     """
     if model is None:
         if run_dir is None:
@@ -199,10 +212,15 @@ def predict_split(
     else:
         split_dir, backend = (Path(run_dir) if run_dir is not None else None), model
     prep, meta = backend.prep, backend.meta
-    found = scan(data_dir)
+    rule = patients or PatientIds.nih()
+    found = scan(data_dir, patients=rule)
+    found.require_images(hint=PATIENT_HINT)
     images, overlap = select_images(run_dir=split_dir, images=found.images, split=split)
     cache = build_or_load(images=images, size=prep.input_size, root=found.root, cache_dir=cache_dir)
     keep = np.flatnonzero(cache.ok)
+    if not len(keep):
+        first = next(iter(cache.errors.values()), "")
+        raise DataError(f"none of the {len(images):,} images could be decoded ({first})", code="no_usable_images")
     cells = cache.array[keep] if len(keep) < len(cache.ok) else cache.array  # the memmap itself when it can
     transforms = list(views) or [None]
     prob = np.zeros(len(keep))
@@ -223,6 +241,8 @@ def predict_split(
         skipped=_skipped(cache, found),
         cells_per_s=len(keep) / seconds if seconds > 0 and len(keep) else None,
         backend=backend.name,
+        patients=rule,
+        n_files=len(found.images) + len(found.problems),
     )
 
 
@@ -238,6 +258,7 @@ def evaluate_run(
     threads: int | None = None,
     cache_dir: str | None = None,
     run_dir: Path | None = None,
+    patients: PatientIds | None = None,
 ) -> dict:
     """Evaluate a model with its stored threshold and write metrics, report and plots.
 
@@ -253,14 +274,22 @@ def evaluate_run(
         threads: intra-op threads (default: all cores).
         cache_dir: decoded-image cache folder.
         run_dir: the old name of ``model``.
+        patients: where patient ids come from (default: NIH file names; see :class:`~malaria_cells.data.PatientIds`).
 
     Returns:
-        The ``metrics.json`` content.
+        The ``metrics.json`` content. Its ``warnings`` (also logged) name skipped files, too few patients for the
+        CIs, no patient ids, and patients the run saw in training.
 
     Raises:
         ModelError: the model cannot be loaded, or a run split asked of an ONNX file.
         RunError: a run split asked for without (or with a broken) ``split.csv``.
+        ExtraMissingError: matplotlib (the ``train`` extra, for the plots) is not installed; checked first.
     """
+    try:
+        # Imported here, before any work: predict's table renderer imports this module on an inference-only install.
+        from malaria_cells import plots
+    except ModuleNotFoundError as e:
+        raise train_extra_error(e, "evaluate (its plots)") or e from None
     if model is None:
         if run_dir is None:
             raise TypeError("evaluate_run needs model (or run_dir)")
@@ -268,30 +297,27 @@ def evaluate_run(
     model = Path(model)
     out_dir = Path(out_dir) if out_dir else default_out_dir(model, split)
     pred = predict_split(
-        model=model, data_dir=data_dir, split=split, batch_size=batch_size, cache_dir=cache_dir, threads=threads
+        model=model,
+        data_dir=data_dir,
+        split=split,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        threads=threads,
+        patients=patients,
     )
     meta, images, prob, overlap = pred.meta, pred.images, pred.prob, pred.overlap
     threshold = float(meta["threshold"])
-    if overlap:
-        log.warning(
-            "%d patient(s) of this data were in the run's train/val split (%s%s); these numbers are optimistic",
-            len(overlap),
-            ", ".join(overlap[:8]),
-            "..." if len(overlap) > 8 else "",
-        )
-    elif overlap is None:
-        log.warning(
-            "%s has no split.csv beside it, so whether these patients were seen in training cannot be checked; "
-            "evaluate it only on cells of patients it never saw",
-            model,
-        )
     y = np.array([im.label for im in images], dtype=np.int64)
     groups = np.array([im.patient for im in images])
+    warnings = evaluation_warnings(pred, model=model, n_patients=len(set(groups.tolist())))
+    for w in warnings:
+        log.warning("%s", w)
 
     point = M.binary_metrics(y, prob, threshold)
     ci = M.bootstrap_ci(y, prob, groups, threshold, n_boot=n_boot, seed=seed)
     cm = M.confusion(y, (prob >= threshold).astype(int))
-    per_patient = M.per_patient_table(y, prob, groups, threshold)
+    # Without patient ids every file is a "patient": a table of single cells says nothing per patient.
+    per_patient = M.per_patient_table(y, prob, groups, threshold) if pred.patients.kind != "none" else []
     split_kind = meta.get("split_kind") or "patient"
     result = {
         "run": str(model),
@@ -308,6 +334,9 @@ def evaluate_run(
         "positive_class": CLASSES[1],
         "n_cells": int(len(y)),
         "n_patients": int(len(set(groups.tolist()))),
+        "patient_ids": pred.patients.describe(),
+        "patient_ids_kind": pred.patients.kind,
+        "warnings": warnings,
         "skipped": [{"path": p, "reason": r} for p, r in pred.skipped],
         "metrics": {k: ci[k] for k in ci},
         "point": point,
@@ -345,6 +374,46 @@ def evaluate_run(
     return result
 
 
+def evaluation_warnings(pred: SplitPredictions, *, model: Path, n_patients: int) -> list[str]:
+    """What a reader of an evaluation must know before trusting its intervals (the CLI prints them).
+
+    Args:
+        pred: the predictions (skipped files, patient-id rule, overlap with the run's training patients).
+        model: the model evaluated (named in the message about a missing split).
+        n_patients: patients among the scored cells.
+
+    Returns:
+        One sentence per problem, in order: skipped files, no patient ids or too few patients, training patients.
+    """
+    out = []
+    skipped = skipped_summary(pred.skipped, total=pred.n_files)
+    if skipped:
+        out.append(skipped)
+    if pred.patients.kind == "none":
+        out.append(
+            "no patient ids: every file is its own group, so the 95 % CIs ignore patient clustering (cells of one "
+            "patient are alike, so the intervals are too narrow); pass patient ids for honest intervals"
+        )
+    elif n_patients < MIN_PATIENTS_FOR_CI:
+        out.append(
+            f"only {n_patients} patient(s): a bootstrap over fewer than {MIN_PATIENTS_FOR_CI} patients gives "
+            "unreliable 95 % CIs"
+        )
+    overlap = pred.overlap
+    if overlap:
+        more = "..." if len(overlap) > 8 else ""
+        out.append(
+            f"{len(overlap)} patient(s) of this data were in the run's train/val split ({', '.join(overlap[:8])}"
+            f"{more}); these numbers are optimistic"
+        )
+    elif overlap is None:
+        out.append(
+            f"{model} came without its run's split.csv, so whether these patients were seen in training could not "
+            "be checked; the numbers hold only for patients it never saw"
+        )
+    return out
+
+
 def _skipped(cache: ImageCache, found: Scan) -> list[tuple[str, str]]:
     # A cache error message starts with the image's path; keep it whole as the reason.
     return [(r.split(": ", 1)[0], r) for _, r in sorted(cache.errors.items())] + list(found.problems)
@@ -357,6 +426,30 @@ def _predictions_csv(images: list[CellImage], prob: np.ndarray, threshold: float
     for im, p in zip(images, prob, strict=True):
         w.writerow([im.rel, im.patient, CLASSES[im.label], f"{p:.6f}", CLASSES[int(p >= threshold)]])
     return buf.getvalue()
+
+
+def read_metrics(path: str | Path) -> dict:
+    """Read the ``metrics.json`` an evaluation wrote (this module owns its format).
+
+    Args:
+        path: the file.
+
+    Returns:
+        Its content.
+
+    Raises:
+        RunError: missing, unreadable, or not an evaluation (no ``metrics``).
+    """
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path} not found; run `malaria-cells evaluate` first", code="evaluation_missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{path}: unreadable evaluation ({e})", code="evaluation_invalid") from None
+    if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict):
+        raise RunError(f"{path}: not an evaluation's metrics.json (no metrics)", code="evaluation_invalid")
+    return result
 
 
 def format_ci(d: dict, digits: int = 4) -> str:
@@ -391,21 +484,14 @@ def render_report(result: dict, meta: dict, *, has_curves: bool) -> str:
             "> inflated and exist only for the leakage audit.",
             "",
         ]
-    if result["overlapping_patients"]:
-        lines += [
-            f"> **Warning:** {len(result['overlapping_patients'])} patients of this data were seen in "
-            "training or validation; the numbers are optimistic.",
-            "",
-        ]
-    if result.get("overlap_checked") is False:
-        lines += [
-            "> **Note:** the model came without its run's split.csv, so whether these patients were seen in "
-            "training could not be checked; the numbers hold only for patients it never saw.",
-            "",
-        ]
+    for w in result.get("warnings", []):  # skipped files, patient ids, patients the run saw in training
+        lines += [f"> **Warning:** {w}", ""]
+    per_file = result.get("patient_ids_kind") == "none"
     lines += [
         f"- Run: `{result['run']}`; data: `{result['data']}`",
-        f"- {result['n_cells']:,} cells from {result['n_patients']} patients; positive class: "
+        f"- Patient ids: {result.get('patient_ids', 'NIH file names')}",
+        f"- {result['n_cells']:,} cells from {result['n_patients']} {'files' if per_file else 'patients'}; "
+        "positive class: "
         f"**{result['positive_class']}**; decision threshold {result['threshold']:.4f} "
         f"(chosen on validation patients by {meta.get('threshold_method', 'youden')})",
         f"- 95 % confidence intervals: percentile bootstrap over **patients** ({result['bootstrap']['resamples']} "
@@ -442,12 +528,15 @@ def render_report(result: dict, meta: dict, *, has_curves: bool) -> str:
     ]
     if has_curves:
         lines += ["![Training curves](training_curves.png)", ""]
-    lines += [
-        "## Per patient",
-        "",
-        "| Patient | Cells | True infected fraction | Predicted infected fraction | Errors |",
-        "|---|---:|---:|---:|---:|",
-    ]
+    if not result["per_patient"]:
+        lines += ["## Per patient", "", "No patient ids: no per-patient table.", ""]
+    else:
+        lines += [
+            "## Per patient",
+            "",
+            "| Patient | Cells | True infected fraction | Predicted infected fraction | Errors |",
+            "|---|---:|---:|---:|---:|",
+        ]
     lines += [
         f"| {r['patient']} | {r['cells']} | {r['true_infected_frac']:.3f} | {r['pred_infected_frac']:.3f} "
         f"| {r['errors']} |"

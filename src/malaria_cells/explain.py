@@ -3,36 +3,39 @@
 The heatmap explains the predicted label: for Parasitized it follows the gradient of the logit, for Uninfected
 the gradient of minus the logit. The layer is the custom CNN's last convolution (taken after its batch norm
 and ReLU), or a timm backbone's last feature stage (from timm's ``feature_info``). ONNX models have no
-gradients here: pass a run folder.
+gradients here: pass a run folder, or use occlusion sensitivity (:mod:`malaria_cells.heatmaps`, any backend). The
+:class:`Explanation` record and the drawing (:func:`colorize`, :func:`overlay`, :func:`overlay_png`) live there,
+torch-free, and are re-exported here.
 """
 
 from __future__ import annotations
 
-import io
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
+from malaria_cells.heatmaps import Explanation, colorize, overlay, overlay_png
 from malaria_cells.io import atomic_write
 from malaria_cells.models import to_input
 from malaria_cells.predict import Classifier, ImageInput, Prediction
 from malaria_cells.preprocess import ImageError
 
+__all__ = [
+    "Explanation",
+    "colorize",
+    "explain",
+    "explain_files",
+    "grad_cam",
+    "overlay",
+    "overlay_png",
+    "save_figure",
+    "target_layer",
+]
+
 _LOCK = threading.Lock()  # the hook lives on the shared model: one Grad-CAM at a time (the service has threads)
-
-
-@dataclass
-class Explanation:
-    """A prediction with the model input it was made on and its Grad-CAM heatmap."""
-
-    prediction: Prediction
-    image: np.ndarray  # uint8 (S, S, 3): the letterboxed model input
-    heatmap: np.ndarray  # float32 (S, S) in [0, 1]
 
 
 def target_layer(model: nn.Module) -> nn.Module:
@@ -127,56 +130,6 @@ def explain(classifier: Classifier, image: ImageInput, *, name: str = "<image>")
     cam, _ = grad_cam(model, x, sign=1.0 if positive else -1.0)
     pred = Prediction(name, classifier.label_of(prob), prob, classifier.threshold)
     return Explanation(pred, u8, cam)
-
-
-def colorize(heatmap: np.ndarray) -> np.ndarray:
-    """Map [0, 1] to a blue-cyan-yellow-red ramp (a jet-like map without matplotlib).
-
-    Args:
-        heatmap: float (H, W) in [0, 1].
-
-    Returns:
-        uint8 (H, W, 3).
-    """
-    h = np.clip(heatmap, 0.0, 1.0)
-    r = np.clip(1.5 - np.abs(4 * h - 3), 0, 1)
-    g = np.clip(1.5 - np.abs(4 * h - 2), 0, 1)
-    b = np.clip(1.5 - np.abs(4 * h - 1), 0, 1)
-    return (np.stack([r, g, b], -1) * 255 + 0.5).astype(np.uint8)
-
-
-def overlay(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.45, scale: int = 1) -> np.ndarray:
-    """Blend a colourised heatmap over the image.
-
-    Args:
-        image: uint8 (H, W, 3).
-        heatmap: float (H, W) in [0, 1].
-        alpha: heatmap opacity (0-1).
-        scale: integer upscaling of the result (bilinear), for display.
-
-    Returns:
-        uint8 (H * scale, W * scale, 3).
-    """
-    blend = (1 - alpha) * image.astype(np.float32) + alpha * colorize(heatmap).astype(np.float32)
-    out = np.clip(blend + 0.5, 0, 255).astype(np.uint8)
-    if scale > 1:
-        out = np.asarray(Image.fromarray(out).resize((out.shape[1] * scale, out.shape[0] * scale), Image.BILINEAR))
-    return out
-
-
-def overlay_png(expl: Explanation, *, scale: int = 3) -> bytes:
-    """The heatmap overlay as PNG bytes (what the web service returns).
-
-    Args:
-        expl: an explanation.
-        scale: integer upscaling.
-
-    Returns:
-        PNG bytes.
-    """
-    buf = io.BytesIO()
-    Image.fromarray(overlay(expl.image, expl.heatmap, scale=scale)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def save_figure(expl: Explanation, path: Path) -> Path:

@@ -6,10 +6,13 @@ the graph, so a client only decodes and letterboxes (NumPy and Pillow, no float 
 input is 4x smaller than float32. Outputs: ``logit`` and ``prob_parasitized``, both (N,).
 
 Everything a client needs travels inside the file as ``metadata_props`` (JSON-encoded values, keys in
-:data:`malaria_cells.backends.CARD_KEYS`). The exporter is torch's TorchScript-based one (``dynamo=False``):
-with the pinned torch it folds batch norm into the convolutions and yields a clean graph in well under a
-second, while the dynamo exporter needs the extra ``onnxscript`` package, takes ~25x longer and leaves
-shape-computation nodes behind. Switch to ``dynamo=True`` when torch drops the TorchScript exporter.
+:data:`malaria_cells.backends.CARD_KEYS`), the run's fitted ``temperature`` included: the graph's outputs are the raw
+logit and its sigmoid, and P(Parasitized), on whose scale the thresholds are, is sigmoid(logit / temperature).
+
+The exporter is torch's TorchScript-based one (``dynamo=False``): with the pinned torch it folds batch norm into the
+convolutions and yields a clean graph in well under a second, while the dynamo exporter needs the extra
+``onnxscript`` package, takes ~25x longer and leaves shape-computation nodes behind. Switch to ``dynamo=True`` when
+torch drops the TorchScript exporter.
 
 The parity and int8 checks run the model through :mod:`malaria_cells.backends`, the same code ``predict`` and
 ``evaluate`` use: the exported file is compared with the run folder as a user would load it.
@@ -111,11 +114,16 @@ def onnx_metadata(meta: dict, *, extra: dict | None = None) -> dict[str, object]
         "preprocessing": meta["preprocessing"],
         "input": f"{ONNX_INPUT}: uint8 (N, S, S, 3) RGB letterboxed to S={meta['preprocessing']['input_size']} "
         "(normalisation is inside the graph)",
-        "output": f"{ONNX_OUTPUTS[0]}: (N,) log-odds of Parasitized; {ONNX_OUTPUTS[1]}: (N,) sigmoid(logit)",
+        "output": f"{ONNX_OUTPUTS[0]}: (N,) log-odds of Parasitized; {ONNX_OUTPUTS[1]}: (N,) sigmoid(logit). "
+        f"P(Parasitized), the scale of threshold and operating_points, is sigmoid({ONNX_OUTPUTS[0]} / temperature)",
         "threshold": meta["threshold"],
         "threshold_method": meta.get("threshold_method"),
         # Named thresholds (balanced, high_specificity, high_sensitivity) where the run has them (adapt writes them).
         "operating_points": meta.get("operating_points") or {"default": meta["threshold"]},
+        # Temperature scaling: written as a number even when none was fitted (1.0), so a client reading the file
+        # without this package divides the logit by it and lands on the thresholds' scale.
+        "temperature": meta.get("temperature") or 1.0,
+        "temperature_fitted_on": meta.get("temperature_fitted_on"),
         "split_kind": meta.get("split_kind"),
         "data_manifest_sha256": meta.get("data_manifest_sha256"),
         "val_metrics_at_threshold": meta.get("val_metrics_at_threshold"),

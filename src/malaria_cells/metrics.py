@@ -446,6 +446,30 @@ def choose_threshold(y_true: ArrayLike, prob: ArrayLike, method: str = "youden")
     return float(best[np.argmin(np.abs(best - 0.5))])
 
 
+def expected_calibration_error(y_true: ArrayLike, prob: ArrayLike, n_bins: int = N_CALIBRATION_BINS) -> float:
+    """Expected calibration error: the cell-weighted mean gap between observed and predicted Parasitized per bin.
+
+    ECE = sum_b (n_b / n) * |observed fraction_b - mean prob_b| over ``n_bins`` equal-width bins of [0, 1] (bin i is
+    [i/n_bins, (i+1)/n_bins), 1.0 in the last); the value :func:`binary_metrics` reports as ``ece``.
+
+    Args:
+        y_true: True labels, 0 or 1.
+        prob: Predicted probabilities of Parasitized.
+        n_bins: Number of bins (15 by default, as everywhere in this package).
+
+    Returns:
+        The ECE in [0, 1]; NaN for no cells.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
+    y, p = _validate(y_true, prob)
+    if not y.size:
+        return float("nan")
+    idx = _bin_index(p, n_bins)
+    gap = np.bincount(idx, weights=y, minlength=n_bins) - np.bincount(idx, weights=p, minlength=n_bins)
+    return float(np.sum(np.abs(gap)) / y.size)
+
+
 def reliability_curve(
     y_true: ArrayLike, prob: ArrayLike, n_bins: int = N_CALIBRATION_BINS
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.int64]]:

@@ -138,6 +138,12 @@ class ModelSpec:
         return functools.partial(TimmBinary, self.timm_arch)
 
 
+# Stage layouts of the custom CNN, (channels, convolutions) per stage. "slim" drops the second convolution of the
+# 24 px and 12 px stages at 48 px input (the costliest per cell after the stem): about 17 M instead of 28 M
+# multiply-adds per 48 px cell (`python benchmarks/arch_speed.py` measures what that buys under ONNX Runtime int8).
+CNN_STAGES = ((16, 1), (32, 2), (64, 2), (128, 2), (256, 1))
+SLIM_STAGES = ((16, 1), (32, 1), (64, 1), (128, 2), (256, 1))
+
 # A frozen ImageNet backbone's pooled features need a non-linear head here: on the validation patients of the full
 # share (Lite0, 128 px, cached features; `python benchmarks/frozen_head.py`), the linear head reached accuracy
 # 94.72 % / AUC 0.9859, one hidden layer of 64-512 units (dropout 0.5) 94.91-95.14 % / 0.9880-0.9886. 128 had the
@@ -156,6 +162,17 @@ MODELS: dict[str, ModelSpec] = {
         lr=3e-3,
         epochs=30,
         description="Compact CNN from scratch (8 conv layers, ~0.59 M params)",
+    ),
+    "custom-cnn-slim": ModelSpec(
+        build=functools.partial(CustomCNN, stages=SLIM_STAGES),
+        input_size=48,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        strategy="scratch",
+        weights="none",
+        lr=3e-3,
+        epochs=30,
+        description="The compact CNN with one convolution fewer in two middle stages (6 conv layers, ~0.54 M params)",
     ),
     "resnet50v2": ModelSpec(
         timm_arch="resnetv2_50",

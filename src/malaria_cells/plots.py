@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 from numpy.typing import ArrayLike
 
-from malaria_cells.metrics import binary_metrics, reliability_curve
+from malaria_cells.metrics import binary_metrics, expected_calibration_error, reliability_curve
 
 CLASS_NAMES = ("Uninfected", "Parasitized")  # index = label; Parasitized (1) is the positive class
 DPI = 120
@@ -245,6 +245,68 @@ def plot_reliability(
         # Log scale because confident models put most cells in the two extreme bins.
         ax_hist.bar(centers, counts, width=width * 0.9, color=_REFERENCE_COLOR)
         if counts.any():
+            ax_hist.set_yscale("log")
+            ax_hist.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+            ax_hist.yaxis.set_minor_formatter(NullFormatter())
+        ax_hist.set_xlabel("Predicted probability of Parasitized")
+        ax_hist.set_ylabel("Cells")
+    return Path(path)
+
+
+def plot_reliability_comparison(
+    y_true: ArrayLike,
+    probs: Mapping[str, ArrayLike],
+    path: str | os.PathLike[str],
+    title: str = "Reliability before and after calibration",
+) -> Path:
+    """Reliability curves of several probability sets for the same cells (e.g. before and after temperature scaling).
+
+    Each set is drawn as observed Parasitized fraction against mean predicted probability per equal-width bin (the
+    bins and the ECE of :func:`malaria_cells.metrics.reliability_curve` / ``expected_calibration_error``), with its
+    ECE in the legend; below, the cells per bin of each set (log scale).
+
+    Args:
+        y_true: True labels, 0 (Uninfected) or 1 (Parasitized).
+        probs: name -> predicted probabilities of Parasitized, each as long as ``y_true``.
+        path: Destination PNG.
+        title: Figure title.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: no sets, or labels/probabilities a reliability diagram refuses (nothing is written).
+    """
+    if not probs:
+        raise ValueError("probs needs at least one named set of probabilities")
+    sets = {name: _as_arrays(y_true, p) for name, p in probs.items()}
+    colors = (_MODEL_COLOR, "#d62728", "#2ca02c", "#9467bd")
+    with _figure(path, (5.5, 6.0)) as fig:
+        ax, ax_hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+        ax.plot([0, 1], [0, 1], linestyle="--", color=_REFERENCE_COLOR, linewidth=1, label="Perfect calibration")
+        any_counts = False
+        for i, (name, (y, p)) in enumerate(sets.items()):
+            color = colors[i % len(colors)]
+            centers, observed, counts = reliability_curve(y, p)
+            n_bins = len(centers)
+            # The bins of metrics.reliability_curve: [i/n, (i+1)/n), 1.0 in the last.
+            idx = np.searchsorted(np.linspace(0.0, 1.0, n_bins + 1)[1:-1], p, side="right")
+            mean_p = np.bincount(idx, weights=p, minlength=n_bins) / np.maximum(counts, 1)
+            filled = counts > 0
+            label = f"{name} (ECE {expected_calibration_error(y, p):.3f})" if y.size else name
+            ax.plot(mean_p[filled], observed[filled], marker="o", markersize=4, linewidth=1.5, color=color, label=label)
+            offset = (i - (len(sets) - 1) / 2) * 0.9 / (n_bins * len(sets))
+            ax_hist.bar(centers + offset, counts, width=0.9 / (n_bins * len(sets)), color=color, alpha=0.8)
+            any_counts |= bool(counts.any())
+        if not any_counts:
+            _note(ax, "No cells")
+        ax.set_title(title)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.02, 1.02)  # room for the markers at 0 and 1, where most cells of a good model are
+        ax.set_ylabel("Observed fraction Parasitized")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+        if any_counts:
             ax_hist.set_yscale("log")
             ax_hist.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
             ax_hist.yaxis.set_minor_formatter(NullFormatter())

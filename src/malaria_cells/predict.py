@@ -189,6 +189,7 @@ class Classifier:
         segment: str = "auto",
         operating_point: str | None = None,
         threshold: float | None = None,
+        tta: bool = False,
     ) -> None:
         """Wrap a backend.
 
@@ -204,6 +205,9 @@ class Classifier:
             operating_point: a named threshold stored with the model ("high_specificity", "balanced",
                 "high_sensitivity": ``adapt`` stores them) instead of its default threshold.
             threshold: an explicit threshold on P(Parasitized) (wins over ``operating_point``).
+            tta: test-time augmentation: P(Parasitized) is the mean over the 8 rotations/reflections of each cell
+                (8x the model's work), judged at the model's own TTA threshold (``tta_threshold`` and
+                ``tta_operating_points`` of its metadata, chosen on out-of-fold predictions of the CV).
         """
         if segment not in SEGMENT_MODES:
             raise ValueError(f"segment must be one of {', '.join(SEGMENT_MODES)}, not {segment!r}")
@@ -231,7 +235,19 @@ class Classifier:
             self.negative_class: str = self.class_names[1 - self.positive_index]
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ModelError(f"{source}: metadata without a usable threshold or class names ({e!r})") from None
+        self.tta = tta
         points = dict(meta.get("operating_points") or {})
+        if tta:
+            # TTA averages the views: its probabilities are smoother than one view's, so it has its own threshold.
+            if meta.get("tta_threshold") is not None:
+                self.threshold = float(meta["tta_threshold"])
+            elif threshold is None:
+                raise ModelError(
+                    f"{source}: no TTA threshold stored with this model (a final fit of `reproduce --cv` stores one); "
+                    "pass --threshold to use TTA anyway",
+                    code="tta_threshold_missing",
+                )
+            points = dict(meta.get("tta_operating_points") or {})
         self.operating_points: dict[str, float] = {k: float(v) for k, v in points.items()}
         if operating_point is not None:
             if operating_point not in self.operating_points:
@@ -247,6 +263,7 @@ class Classifier:
             self.threshold = float(threshold)
         self.card = model_card(meta, backend=self.backend, source=source)
         self.card["threshold_in_use"] = self.threshold  # differs from "threshold" with an operating point
+        self.card["tta"] = tta
 
     @classmethod
     def load(
@@ -259,6 +276,7 @@ class Classifier:
         segment: str = "auto",
         operating_point: str | None = None,
         threshold: float | None = None,
+        tta: bool = False,
     ) -> Classifier:
         """Load an ONNX file (onnxruntime) or a run folder (torch).
 
@@ -270,7 +288,7 @@ class Classifier:
                 in this process with threads). Worth it for thousands of files (each process takes ~0.3 s to
                 start); :func:`decode_plan` picks them for a number of files.
             unknown_when_flagged: see :class:`Classifier`.
-            segment, operating_point, threshold: see :class:`Classifier`.
+            segment, operating_point, threshold, tta: see :class:`Classifier`.
 
         Returns:
             The classifier.
@@ -289,6 +307,7 @@ class Classifier:
             segment=segment,
             operating_point=operating_point,
             threshold=threshold,
+            tta=tta,
         )
 
     @property
@@ -349,6 +368,9 @@ class Classifier:
         """
         if len(batch_u8) == 0:
             return np.zeros(0, dtype=np.float32)
+        if self.tta:
+            views = dihedral_views(batch_u8)
+            return self._backend(views).reshape(8, len(batch_u8)).mean(axis=0).astype(np.float32)
         return self._backend(batch_u8)
 
     def predict(
@@ -481,6 +503,20 @@ class Classifier:
                 yield Prediction(name, label, p, self.threshold, flag=d.flag, raw_label=raw)
         if progress:
             progress(len(chunk))
+
+
+def dihedral_views(batch: np.ndarray) -> np.ndarray:
+    """The 8 rotations/reflections of a uint8 (N, S, S, 3) batch, stacked view after view: (8N, S, S, 3).
+
+    Args:
+        batch: square images.
+
+    Returns:
+        Views 0-3: rotations by 0/90/180/270 degrees; 4-7: the same of the left-right mirror.
+    """
+    mirrored = batch[:, :, ::-1]
+    views = [np.rot90(b, k, axes=(1, 2)) for b in (batch, mirrored) for k in range(4)]
+    return np.ascontiguousarray(np.concatenate(views))
 
 
 def _chunked(

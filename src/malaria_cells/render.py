@@ -1,7 +1,10 @@
-"""How the command line shows results: ``predict``'s table, CSV, JSON lines or JSON, and ``evaluate``'s metrics table.
+"""How the command line shows results: ``predict``'s table, CSV, JSON lines or JSON, ``evaluate``'s metrics table,
+and the tables of ``models``, ``data split`` and ``adapt``.
 
 Part of the command line (only :mod:`malaria_cells.cli` imports it): the library returns
 :class:`~malaria_cells.predict.Prediction` objects and evaluation dicts and never formats them for a terminal.
+Every table stays readable in an 80-column terminal: numbers and names never wrap, long headers and free text wrap
+at spaces, and nothing is cut with "…".
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ import csv
 import io
 import itertools
 import json
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from malaria_cells.evaluate import REPORT_METRICS, format_ci
 from malaria_cells.predict import Prediction
@@ -117,4 +120,105 @@ def evaluation_table(result: dict) -> Table:
     t.add_column("value (95% CI, patient bootstrap)", justify="right")
     for key, label in REPORT_METRICS:
         t.add_row(label, format_ci(result["metrics"][key]))
+    return t
+
+
+def _table(title: str, **kwargs: Any) -> Table:
+    """A table without outer edges or edge padding: four more columns for the content at 80 columns."""
+    from rich import box
+    from rich.table import Table
+
+    return Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, **kwargs)
+
+
+def models_table(models: Mapping[str, Any]) -> Table:
+    """The model registry (``models``): name, input size, strategies (the default first, starred), weights.
+
+    Args:
+        models: :data:`malaria_cells.models.MODELS`.
+
+    Returns:
+        A rich table.
+    """
+    t = _table("models", caption="* the default strategy", caption_justify="left")
+    t.add_column("name", no_wrap=True)  # names are what users copy; never break them
+    t.add_column("input\npx", justify="right", no_wrap=True)
+    t.add_column("strategies", max_width=10)  # one per line at 80 columns
+    t.add_column("weights", no_wrap=True)
+    t.add_column("description", overflow="fold")
+    for name, s in models.items():
+        ordered = [s.strategy, *(x for x in s.strategies if x != s.strategy)]
+        strategies = ", ".join(f"{x}*" if x == s.strategy else x for x in ordered)
+        t.add_row(name, str(s.input_size), strategies, s.weights, s.description)
+    return t
+
+
+def split_table(rows: list[dict], *, title: str) -> Table:
+    """Images, classes and patients per split (``data split``).
+
+    Args:
+        rows: :func:`malaria_cells.split.describe` output, one dict per split.
+        title: the table's title.
+
+    Returns:
+        A rich table.
+    """
+    t = _table(title)
+    for key in rows[0] if rows else ():
+        header = key.replace("_", " ")
+        t.add_column(header, justify="right" if key != "split" else "left", no_wrap=" " not in header)
+    for r in rows:
+        t.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in r.values()))
+    return t
+
+
+def parasitemia_table(slides: Iterable[Any], *, boxes: str) -> Table:
+    """Parasitemia per slide (``smear``): photos, cells, infected, parasitemia and its 95 % interval.
+
+    Args:
+        slides: :class:`malaria_cells.smear.SlideSummary` objects.
+        boxes: where the cell boxes came from (the run's ``model["boxes"]``), for the title.
+
+    Returns:
+        A rich table.
+    """
+    t = _table(f"parasitemia ({boxes} cells; border cells not counted)")
+    t.add_column("slide", overflow="fold")  # a folder name: folded if it must be, never cut
+    for col in ("photos", "cells", "infected", "parasitemia %", "95 % CI"):
+        t.add_column(col, justify="right", no_wrap=col != "parasitemia %")
+    for s in slides:
+        d = s.to_dict()
+        pct = "—" if d["parasitemia_pct"] is None else f"{d['parasitemia_pct']:.2f}"
+        ci = "—" if d["ci95_pct"][0] is None else f"{d['ci95_pct'][0]:.2f}–{d['ci95_pct'][1]:.2f}"
+        t.add_row(s.slide, f"{d['photos']:,}", f"{d['cells']:,}", f"{d['infected']:,}", pct, ci)
+    return t
+
+
+def adapt_table(test: Mapping[str, Mapping[str, Any]]) -> Table:
+    """The lab's test photos before and after ``adapt``: ROC-AUC, sensitivity, specificity and parasitemia.
+
+    Args:
+        test: the ``test`` part of :attr:`malaria_cells.adapt.AdaptResult.report`: scores by model and threshold.
+
+    Returns:
+        A rich table; each value with its 95 % interval (over photos) under it.
+    """
+    t = _table("the lab's test photos (95 % CI over photos)")
+    t.add_column("model, threshold", overflow="fold")
+    for col in ("ROC-AUC", "sensitivity", "specificity"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("parasitemia % called / true", justify="right", max_width=11)  # "1.25 / 1.43"
+
+    def ci(d: Mapping[str, float]) -> str:
+        return f"{d['value']:.3f}\n({d['low']:.3f}–{d['high']:.3f})"
+
+    for name, m in test.items():
+        t.add_row(
+            f"{name} ({m['threshold']:.3f})",
+            ci(m["roc_auc"]),
+            ci(m["sensitivity"]),
+            ci(m["specificity"]),
+            f"{m['parasitemia_called_pct']:.2f} / {m['parasitemia_true_pct']:.2f}",
+            end_section=True,
+        )
     return t

@@ -198,7 +198,7 @@ def reproduce(
         config = row_config(row, quick=quick, seed=seed, runs=runs, weights=weights, overrides=overrides)
         run_dir = out_dir / row.key
         t0 = time.perf_counter()
-        reused += _train_or_reuse(config, data_dir=data_dir, run_dir=run_dir, resume=resume)
+        reused += train_or_reuse(config, data_dir=data_dir, run_dir=run_dir, resume=resume)
         runs[row.key] = run_dir
         results.append(_evaluate(row, run_dir, data_dir=data_dir, n_boot=n_boot, seed=seed, t0=t0))
     same = _same_test_cells([Path(r["run"]) for r in results if r["status"] == "ok"])
@@ -217,7 +217,7 @@ def reproduce(
         config = row_config(row, quick=quick, seed=seed, runs=runs, weights=weights, overrides=overrides, split=LEAKY)
         run_dir = out_dir / f"audit-{LEAKY}-{row.key}"
         t0 = time.perf_counter()
-        reused += _train_or_reuse(config, data_dir=data_dir, run_dir=run_dir, resume=resume)
+        reused += train_or_reuse(config, data_dir=data_dir, run_dir=run_dir, resume=resume)
         leaky = _evaluate(row, run_dir, data_dir=data_dir, n_boot=n_boot, seed=seed, t0=t0)
         honest = next(r for r in results if r["status"] == "ok" and r["run"] == str(runs[row.key]))
         audits.append(
@@ -311,7 +311,7 @@ def row_config(
     return resolve_model_defaults(TrainConfig(**values))
 
 
-def _train_or_reuse(config: TrainConfig, *, data_dir: Path, run_dir: Path, resume: bool) -> bool:
+def train_or_reuse(config: TrainConfig, *, data_dir: Path, run_dir: Path, resume: bool) -> bool:
     """Train the run, resume it, or reuse it when finished; True when reused."""
     run = Run(run_dir)
     if resume and run.config_path.exists():

@@ -74,6 +74,9 @@ class RunMeta(BaseModel):
     positive_index: int = 1
     threshold: float = Field(ge=0.0, le=1.0)  # on P(Parasitized)
     threshold_method: str = "youden"
+    # Temperature scaling (malaria_cells.calibrate): P(Parasitized) = sigmoid(logit / T); None = not fitted (T = 1).
+    # The threshold and operating points are on the scale of the probabilities this gives.
+    temperature: float | None = Field(default=None, gt=0.0)
     split_kind: str = "patient"
     data_root: str | None = None
     data_manifest_sha256: str | None = None

@@ -3,9 +3,9 @@
 Routes: ``GET /`` (the page, static files under ``/static``), ``POST /api/v1/predict`` (multipart, field
 ``files``, one or many cell images), ``POST /api/v1/smear`` (multipart, field ``file``: one field photo; every cell
 found, classified and counted, see :mod:`malaria_cells.smear`), ``GET /api/v1/health``, ``GET /api/v1/model``
-(model card, detector and limits), ``GET /openapi.json`` and ``GET /docs``. Nothing the pages load comes from
-outside this server (the machine may have no network): FastAPI's own /docs pulls Swagger UI from a CDN, so ``/docs``
-here is a small local page that renders ``/openapi.json`` itself.
+(model card, detector and limits), ``GET /openapi.json`` and ``GET /docs`` (also at ``/redoc``). Nothing the pages
+load comes from outside this server (the machine may have no network): FastAPI's own /docs and /redoc pull Swagger UI
+and ReDoc from a CDN, so both addresses here serve a small local page that renders ``/openapi.json`` itself.
 
 Every failure is a JSON ``{"error": {"code", "message"}}`` with a 4xx/5xx status, never a 500 for bad input; the
 codes and statuses come from the error objects (:class:`~malaria_cells.errors.MalariaCellsError`), never from their
@@ -25,7 +25,9 @@ How one request cannot stall the service, and how memory stays bounded:
   A request may decode at most ``max_request_megapixels`` in all (per file: :data:`preprocess.MAX_PIXELS`) and
   spend at most ``decode_timeout_s`` decoding.
 * Only the model call holds a model slot, in batches of ``model_batch`` small letterboxed images, and slots are
-  granted in arrival order, so a one-cell request is served between a big request's batches.
+  granted in arrival order, so a one-cell request is served between a big request's batches. A heatmap
+  (``heatmap=true``) is one more model call per cell under a slot: Grad-CAM, or occlusion (the cell with each of at
+  most 121 patches painted over, in one batch; :mod:`malaria_cells.heatmaps`).
 * A field photo (``/api/v1/smear``) is decoded in the same decoding threads under the same limits; detecting and
   classifying its cells is one model call (~50-150 ms for a 1280 x 960 photo). A decoded photo is kept whole until
   its answer is made (up to 120 MB at 40 MP), so at most ``workers + 1`` photos are decoded or analysed at once;
@@ -66,7 +68,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from malaria_cells import __version__
-from malaria_cells.errors import EXIT_UNAVAILABLE, ConfigError, MalariaCellsError
+from malaria_cells.errors import EXIT_UNAVAILABLE, ConfigError, MalariaCellsError, require_train_extra
 from malaria_cells.predict import UNKNOWN, Classifier, ModelError, resolve_model
 from malaria_cells.preprocess import MAX_PIXELS, ImageError, decode_image, webp_size
 
@@ -314,7 +316,9 @@ class FileSuccess(BaseModel):
     )
     raw_label: str | None = Field(default=None, description="The model's label, also when label is Unknown.")
     heatmap: str | None = Field(
-        default=None, description="Grad-CAM overlay as a PNG data URL (heatmap=true on a torch model), else null."
+        default=None,
+        description="With heatmap=true: the evidence for the label over the model input, a PNG data URL (Grad-CAM "
+        "for a torch model, occlusion sensitivity for ONNX; see the model card's heatmap_method), else null.",
     )
 
 
@@ -450,6 +454,10 @@ class ModelInfo(BaseModel):
     threshold: float = Field(description="Parasitized when P(Parasitized) >= threshold.")
     preprocessing: dict[str, Any] = Field(description="Input size (px), mean, std, resize method.")
     explainable: bool = Field(description="Whether heatmap=true gives Grad-CAM overlays (torch models).")
+    heatmap_method: Literal["grad-cam", "occlusion"] = Field(
+        description="What heatmap=true draws: Grad-CAM (torch models) or occlusion sensitivity (any model: the "
+        "logit's change when each patch of the cell is painted over)."
+    )
     disclaimer: str
     detector: DetectorInfo | None = Field(default=None, description="The cell detector of /api/v1/smear.")
     limits: ServiceLimits
@@ -1092,10 +1100,16 @@ async def _classify(state: ServiceState, uploads: list[_Upload]) -> dict[int, fl
 
 
 def _heatmap(clf: Classifier, prepared: np.ndarray, name: str) -> str | None:
-    from malaria_cells.explain import explain, overlay_png  # torch models only; keeps the ONNX service torch-free
+    from malaria_cells.heatmaps import heatmap_png, occlusion_map
 
     try:
-        png = overlay_png(explain(clf, prepared, name=name))  # letterboxing a letterboxed image changes nothing
+        if clf.explainable:
+            from malaria_cells.explain import explain  # torch models only; keeps the ONNX service torch-free
+
+            heat = explain(clf, prepared, name=name).heatmap  # letterboxing a letterboxed image changes nothing
+        else:
+            heat, _ = occlusion_map(clf, prepared)  # one batch: the cell and at most 121 occluded copies
+        png = heatmap_png(prepared, heat)
     except (ImageError, ModelError):
         return None
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
@@ -1127,13 +1141,16 @@ async def model_info(state: State) -> ModelInfo:
             503, "loading", "the model is still loading; retry in a moment", headers={"Retry-After": "1"}
         )
     card = {**clf.card, "source": Path(clf.source).name}  # the file name, not the server's directory layout
-    return ModelInfo(**card, detector=state.detector_info(), limits=state.limits())
+    method = "grad-cam" if clf.explainable else "occlusion"
+    return ModelInfo(**card, heatmap_method=method, detector=state.detector_info(), limits=state.limits())
 
 
 async def predict(
     state: State,
     files: Annotated[list[UploadFile], File(description="Cell images (PNG, JPEG, WebP, ...), one part per file.")],
-    heatmap: Annotated[bool, Query(description="Add Grad-CAM overlays (torch models only).")] = False,
+    heatmap: Annotated[
+        bool, Query(description="Add a heatmap per cell: Grad-CAM (torch models) or occlusion sensitivity (ONNX).")
+    ] = False,
 ) -> JSONResponse:
     """Classify the uploaded images; every file gets a result, in order."""
     cfg, clf = state.config, state.classifier
@@ -1159,7 +1176,7 @@ async def predict(
         else:
             assert u.failure is not None
             results.append(u.failure)
-    if heatmap and clf.explainable:
+    if heatmap:
         loop = asyncio.get_running_loop()
         for i, r in enumerate(results):
             if isinstance(r, FileSuccess):
@@ -1350,7 +1367,8 @@ def _predict_description(cfg: ServeConfig) -> str:
     return (
         "Multipart form with one or more parts named `files`. Returns one entry per file, in order. Status 200 "
         "when every file was classified, otherwise the status of the first failure (the body still lists every "
-        "file). `heatmap=true` adds a Grad-CAM overlay (PNG data URL) for torch models.\n\n"
+        "file). `heatmap=true` adds a heatmap of the evidence for each label (PNG data URL): Grad-CAM for torch "
+        "models, occlusion sensitivity for ONNX ones (the model card's `heatmap_method`).\n\n"
         f"Limits: at most {cfg.max_files} files per request, {cfg.max_upload_bytes / 1e6:g} MB per file, "
         f"{cfg.max_request_bytes / 1e6:.1f} MB per request body, {MAX_PIXELS / 1e6:g} megapixels per image and "
         f"{cfg.max_request_pixels / 1e6:g} megapixels per request (decoded; files beyond get 413 "
@@ -1494,13 +1512,14 @@ def create_app(
         f"{MAX_PIXELS / 1e6:g} MP per image, {cfg.max_request_pixels / 1e6:g} MP per request; "
         f"{cfg.max_requests} requests at once. Served host names: {', '.join(state.hosts)}.",
         lifespan=_lifespan,
-        docs_url=None,  # FastAPI's pages load Swagger UI / ReDoc from a CDN; /docs below is local
+        docs_url=None,  # FastAPI's pages load Swagger UI / ReDoc from a CDN; /docs and /redoc below are local
         redoc_url=None,
     )
     app.state.service = state
     app.include_router(api_router(cfg))
     app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
     app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/redoc", docs, methods=["GET"], include_in_schema=False)  # the address FastAPI users try
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(HTTPException, _on_http_error)
     app.add_exception_handler(MalariaCellsError, _on_package_error)
@@ -1647,12 +1666,16 @@ def serve(
         ConfigError: a limit or the port out of range (exit code 2), before anything is loaded.
         ModelError: no usable model or detector (exit code 2).
         ServeUnavailableError: the port cannot be bound (exit code 4).
+        ExtraMissingError: a run folder as the model without the ``train`` extra (exit code 4).
     """
     import uvicorn
 
     check_port(port)
     cfg = config or ServeConfig(**options)
-    resolve_model(model)  # a missing model is a clear error here, not a traceback from the start-up hook
+    # A missing model (or, for a run folder, a missing torch) is a clear error here, not a traceback from the
+    # start-up hook.
+    if resolve_model(model).is_dir():
+        require_train_extra("serving a run folder")
     from malaria_cells.detect import resolve_detector
 
     resolve_detector(detector)  # the same for a missing detector

@@ -70,7 +70,7 @@ def make_split(
     Raises:
         ConfigError: a fraction out of range or an unknown kind (a ``ValueError`` too).
     """
-    if not (0 <= val_fraction < 0.5 and 0 < test_fraction < 0.5):
+    if not (0 <= val_fraction < 0.5 and 0 <= test_fraction < 0.5):
         raise ConfigError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in [0, 0.5)")
     rng = random.Random(seed)
     assignment: dict[str, str] = {}
@@ -93,6 +93,76 @@ def make_split(
     else:
         raise ConfigError(f"unknown split kind {kind!r}; use 'patient' or '{LEAKY}'")
     split = Split(kind=kind, assignment=assignment, seed=seed)
+    check_split(split, images)
+    return split
+
+
+def cv_folds(images: list[CellImage], *, folds: int, seed: int = 0) -> dict[str, int]:
+    """Deal patients into ``folds`` test folds, stratified by kind and balanced by cells.
+
+    Infected patients and uninfected-only patients are dealt separately (as in :func:`make_split`), each in a seeded
+    shuffle, every patient to the fold that holds the fewest cells of that kind so far: every fold gets its share
+    of both kinds and about ``1/folds`` of the cells, and every patient lands in exactly one fold.
+
+    Args:
+        images: the labelled images.
+        folds: number of folds K (2-20).
+        seed: shuffling seed; the same images and seed give the same folds.
+
+    Returns:
+        Patient id -> fold number (0 .. K-1).
+
+    Raises:
+        ConfigError: K out of range, or fewer patients than folds.
+    """
+    cells: dict[str, int] = Counter(im.patient for im in images)
+    infected = {im.patient for im in images if im.label == 1}
+    if not 2 <= folds <= 20:
+        raise ConfigError(f"cv folds {folds} must be in [2, 20]")
+    if len(cells) < folds:
+        raise ConfigError(f"{len(cells)} patient(s) cannot fill {folds} folds")
+    rng = random.Random(seed)
+    fold_of: dict[str, int] = {}
+    for group in (
+        [p for p in sorted(cells, key=patient_sort_key) if p in infected],
+        [p for p in sorted(cells, key=patient_sort_key) if p not in infected],
+    ):
+        rng.shuffle(group)
+        load = [0] * folds
+        # Largest patients first, each to the lightest fold: folds end up within one patient's cells of each other.
+        for p in sorted(group, key=lambda q: -cells[q]):
+            k = min(range(folds), key=lambda i: (load[i], i))
+            fold_of[p] = k
+            load[k] += cells[p]
+    return fold_of
+
+
+def make_cv_split(
+    images: list[CellImage], *, folds: int, fold: int, val_fraction: float = 0.15, seed: int = 0
+) -> Split:
+    """The split of one cross-validation fold: test = that fold's patients, val drawn from the others.
+
+    Args:
+        images: the labelled images.
+        folds: number of folds K.
+        fold: the test fold (0-based).
+        val_fraction: share of all images for validation, by whole patients of the training folds (stratified).
+        seed: fold and validation seed (the folds depend on ``seed`` only, so every fold of one K and seed
+            partitions the patients).
+
+    Returns:
+        A by-patient split with kind ``patient``.
+    """
+    if not 0 <= fold < folds:
+        raise ConfigError(f"cv fold {fold} must be in [0, {folds})")
+    fold_of = cv_folds(images, folds=folds, seed=seed)
+    assignment = {im.rel: "test" for im in images if fold_of[im.patient] == fold}
+    rest = [im for im in images if fold_of[im.patient] != fold]
+    # val_fraction of all images, drawn from the training folds' patients by the same stratified deal as make_split.
+    share = min(0.49, val_fraction * len(images) / max(1, len(rest)))
+    inner = make_split(rest, val_fraction=share, test_fraction=0.0, seed=seed + 1000 * (fold + 1))
+    assignment.update(inner.assignment)
+    split = Split(kind=PATIENT, assignment=assignment, seed=seed)
     check_split(split, images)
     return split
 

@@ -24,6 +24,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 
 from malaria_cells.progress import Reporter, reporting
 
@@ -64,18 +65,32 @@ class RichReporter(Reporter):
                 self.progress.update(handle, total=task.completed)
 
 
-def make_progress() -> Progress:
-    """A rich progress display: description, bar, count, percentage, elapsed, ETA and the task's status."""
+def make_progress(*, output: Console | None = None) -> Progress:
+    """A rich progress display: description, bar, count, percentage, elapsed, ETA and the task's status.
+
+    The numbers never wrap or shorten; on a narrow terminal (80 columns) the bar is short and the description and
+    status wrap at spaces onto more lines instead of being cut with "…".
+
+    Args:
+        output: the console to draw on (default: the CLI's stderr console).
+
+    Returns:
+        The (not yet started) progress display.
+    """
+    out = output or console
+    numbers = {"table_column": Column(no_wrap=True)}
+    words = {"table_column": Column(overflow="fold")}
     return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(bar_width=None),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=console,
+        TextColumn("[bold]{task.description}", **words),
+        # A bar that may not shrink, sized to the terminal: 10 cells at 80 columns, up to 40 on wide ones.
+        BarColumn(bar_width=min(40, max(10, out.width - 100)), table_column=Column(no_wrap=True)),
+        MofNCompleteColumn(**numbers),
+        TaskProgressColumn(**numbers),
+        TimeElapsedColumn(**numbers),
+        TextColumn("eta", **numbers),
+        TimeRemainingColumn(**numbers),
+        TextColumn("{task.fields[status]}", **words),
+        console=out,
         disable=os.environ.get(QUIET_ENV) == "1",
         expand=False,
     )

@@ -24,6 +24,7 @@ rank 0 writes the run folder, validates and decides when to stop.
 from __future__ import annotations
 
 import contextlib
+import csv
 import datetime as dt
 import logging
 import math
@@ -65,7 +66,7 @@ from malaria_cells.models import (
 )
 from malaria_cells.preprocess import Preprocessing
 from malaria_cells.run import Run, RunMeta, TrainState
-from malaria_cells.split import Split, describe, make_split, save_split
+from malaria_cells.split import Split, check_split, describe, load_split, make_cv_split, make_split, save_split
 from malaria_cells.transfer import (
     MAX_ACTIVATION_BYTES,
     FeatureStore,
@@ -98,6 +99,7 @@ class Prepared:
     train_idx: np.ndarray
     val_idx: np.ndarray
     test_idx: np.ndarray
+    targets: np.ndarray | None = None  # float (N,) soft targets of the training cells (distillation); None: labels
 
 
 def package_versions() -> dict[str, str]:
@@ -179,43 +181,159 @@ def prepare_data(
     seed: int,
     max_images: int | None,
     cache_dir: str | None,
+    cv_folds: int | None = None,
+    cv_fold: int = 0,
+    split_seed: int | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> Prepared:
     """Scan, subsample, split (or reuse a split) and cache the images at the model's input size.
 
     Args:
         data_dir: folder or zip archive.
         input_size: px.
-        split: an existing split (resume, or another run's split) or ``None`` to make one.
+        split: an existing split (resume, a split file, or another run's split) or ``None`` to make one. Its images
+            are matched by relative path, else by class folder and file stem (a zip and a folder of the same data),
+            and ``max_images`` subsamples them (a no-op on a resumed run's own subset).
         kind: split kind when making one.
         val_fraction: of images, by whole patients.
         test_fraction: of images, by whole patients.
         seed: split and subsample seed.
         max_images: class-balanced cap on images (quick runs).
         cache_dir: decoded-image cache folder.
+        cv_folds: when set, the split is fold ``cv_fold`` of a patient-level K-fold cross-validation
+            (:func:`~malaria_cells.split.make_cv_split`; ``test_fraction`` is unused).
+        cv_fold: the test fold.
+        split_seed: seed of the split or folds (default ``seed``): runs of several seeds can share one split.
+        exclude: relative paths left out of the training cells only (suspect labels of ``data audit``); the split,
+            validation and test keep them, so every figure stays on the original labels.
 
     Returns:
         The prepared data; unreadable images are reported and dropped.
     """
     found = scan(data_dir)
+    found.require_images(hint="training splits by patient, so file names must carry NIH patient ids (C<number>...)")
     for path, reason in found.problems[:10]:
         log.warning("skipped %s: %s", path, reason)
     if len(found.problems) > 10:
         log.warning("... %d more files skipped (see `malaria-cells data check`)", len(found.problems) - 10)
     if split is None:
         images = subsample(found.images, max_images, seed)
-        split = make_split(images, kind=kind, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+        s_seed = seed if split_seed is None else split_seed
+        if cv_folds is not None:
+            split = make_cv_split(images, folds=cv_folds, fold=cv_fold, val_fraction=val_fraction, seed=s_seed)
+        else:
+            split = make_split(images, kind=kind, val_fraction=val_fraction, test_fraction=test_fraction, seed=s_seed)
     else:
-        images = [im for im in found.images if im.rel in split.assignment]
+        images, which = _match_split(found.images, split)
         missing = len(split.assignment) - len(images)
         if missing:
             log.warning("%d image(s) of the split are not in %s; continuing without them", missing, data_dir)
+        if not images:
+            raise ConfigError(f"none of the split's images are in {data_dir}", code="split_file_invalid")
+        images = subsample(images, max_images, seed)
+        split = Split(kind=split.kind, assignment={im.rel: which[im.rel] for im in images}, seed=split.seed)
+        check_split(split, images)  # patient ids parsed from these file names: still no patient in two splits
     cache = build_or_load(images=images, size=input_size, root=found.root, cache_dir=cache_dir)
     labels = np.array([im.label for im in images], dtype=np.int64)
     idx = {
         w: np.array([i for i in split.indices(images, w) if cache.ok[i]], dtype=np.int64)
         for w in ("train", "val", "test")
     }
+    if exclude:
+        drop = np.array([images[i].rel in exclude for i in idx["train"]], dtype=bool)
+        log.info("left %d suspect label(s) of the audit out of %d training cells", int(drop.sum()), len(drop))
+        idx["train"] = idx["train"][~drop]
     return Prepared(found, images, split, cache.array, labels, idx["train"], idx["val"], idx["test"])
+
+
+def _match_split(images: list[CellImage], split: Split) -> tuple[list[CellImage], dict[str, str]]:
+    """The images a split names, and the split of each (keyed by the image's relative path).
+
+    A row matches an image by relative path, else by class folder and file stem, so a split made on the unpacked
+    folder also fits the zip archive (whose paths start with ``cell_images/``) and ``.png`` fits ``.webp``.
+    """
+
+    def key(rel: str) -> str:
+        path = Path(rel)
+        return f"{path.parent.name.lower()}/{path.stem}"
+
+    by_key = {key(rel): s for rel, s in split.assignment.items()}
+    chosen, which = [], {}
+    for im in images:
+        s = split.assignment.get(im.rel) or by_key.get(key(im.rel))
+        if s is not None:
+            which[im.rel] = s
+            chosen.append(im)
+    return chosen, which
+
+
+def load_exclusions(path: str | None) -> frozenset[str]:
+    """The relative paths listed in a ``suspects.csv`` of ``data audit`` (column ``rel``); empty without a file.
+
+    Raises:
+        ConfigError: the file is missing or has no ``rel`` column.
+    """
+    if not path:
+        return frozenset()
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise ConfigError(f"exclude_suspects: cannot read {path} ({e.strerror})") from None
+    if rows and "rel" not in rows[0]:
+        raise ConfigError(f"exclude_suspects: {path} has no 'rel' column (expected a suspects.csv of `data audit`)")
+    return frozenset(r["rel"] for r in rows)
+
+
+def teacher_probabilities(runs: list[Path], data: Prepared, idx: np.ndarray, *, cache_dir: str | None) -> np.ndarray:
+    """The teachers' mean P(Parasitized) over the 8 dihedral views of the cells ``idx`` (each at its own input size).
+
+    Args:
+        runs: finished teacher run folders.
+        data: the prepared data (its images, in order).
+        idx: positions of the cells to score.
+        cache_dir: decoded-image cache folder.
+
+    Returns:
+        float64 (len(idx),).
+    """
+    from malaria_cells.augment import MAX_VIEWS, dihedral_view
+    from malaria_cells.backends import TorchBackend, probabilities
+
+    images = [data.images[i] for i in idx]
+    total = np.zeros(len(idx))
+    for run_dir in runs:
+        teacher = TorchBackend(run_dir, precision="fp32")
+        cache = build_or_load(images=images, size=teacher.prep.input_size, root=data.scan.root, cache_dir=cache_dir)
+        cells = np.asarray(cache.array)
+        with progress.task(f"teacher {Path(run_dir).name}", total=MAX_VIEWS * len(idx), transient=True) as t:
+            for v in range(MAX_VIEWS):
+                view = np.ascontiguousarray(dihedral_view(cells, number=v))
+                total += probabilities(teacher, view, progress=t.advance) / MAX_VIEWS
+    return total / len(runs)
+
+
+def distillation_targets(data: Prepared, *, config: TrainConfig) -> np.ndarray:
+    """Soft targets for the training cells: ``alpha * label + (1 - alpha) * teacher``; other cells keep their label.
+
+    Raises:
+        RunError: a teacher run folder is missing or unfinished.
+    """
+    runs = [Path(r.strip()) for r in (config.distill_from or "").split(",") if r.strip()]
+    for r in runs:
+        Run.open(r)  # a clear error for a missing or unfinished teacher before any work
+    targets = data.labels.astype(np.float64)
+    teacher = teacher_probabilities(runs, data, data.train_idx, cache_dir=config.cache_dir)
+    a = config.distill_alpha
+    targets[data.train_idx] = a * targets[data.train_idx] + (1 - a) * teacher
+    agree = float(((teacher >= 0.5) == (data.labels[data.train_idx] == 1)).mean()) if len(teacher) else float("nan")
+    log.info(
+        "distillation: %d teacher(s), alpha %.2f; teachers agree with %.2f %% of training labels",
+        len(runs),
+        a,
+        100 * agree,
+    )
+    return targets
 
 
 def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, floor: float = 0.01) -> float:
@@ -619,26 +737,30 @@ class EarlyStopping:
         return self.bad_epochs >= self.patience
 
 
-def open_run(*, config: TrainConfig | None, run_dir: Path, resume: bool) -> tuple[Run, TrainConfig, Split | None]:
+def open_run(
+    *, config: TrainConfig | None, run_dir: Path, resume: bool, epochs: int | None = None
+) -> tuple[Run, TrainConfig, Split | None]:
     """The run folder to train into, its resolved config and the split to reuse (None: make one).
 
     Args:
         config: the config (ignored when resuming: the folder's own config is used).
         run_dir: the run folder.
         resume: continue the run in ``run_dir``.
+        epochs: when resuming, train to this many epochs instead of the run's own count (more than it has done).
 
     Returns:
         (run, resolved config, split or None).
 
     Raises:
-        RunError: resuming a folder without a run, or a fresh run into a folder that holds one.
-        ConfigError: the config's model, strategy or weights do not go together.
+        RunError: resuming a folder without a run, a finished run without more epochs, or a fresh run into a
+            folder that holds one.
+        ConfigError: the config's model, strategy or weights do not go together, or an unusable split file.
     """
     run = Run(run_dir)
     if resume:
         if not run.config_path.exists():
             raise RunError(f"{run.path}: no config.yaml; nothing to resume", code="run_not_found")
-        return run, run.config(), run.split()
+        return run, _resumed_config(run, epochs), run.split()
     if run.started:
         raise FileExistsError(f"{run.path} already holds a run; pass --resume to continue it or pick another --out")
     if config is None:
@@ -648,8 +770,62 @@ def open_run(*, config: TrainConfig | None, run_dir: Path, resume: bool) -> tupl
     if config.strategy == "finetune" and config.init_from:
         # The head was trained on the init run's patients: keep its split, or its training patients could
         # land in this run's test set.
+        if config.split_file:
+            raise ConfigError("a finetune run keeps the split of its --init-from run; leave out --split-file")
         split = Run.open(config.init_from).split()
+    if config.split_file:
+        split = _read_split_file(config)
     return run, config, split
+
+
+def _read_split_file(config: TrainConfig) -> Split:
+    """The split of ``config.split_file``, checked for patients crossing splits before anything is decoded."""
+    if config.cv_folds is not None:
+        raise ConfigError("--split-file fixes the split; leave out --cv-folds", code="split_file_conflict")
+    try:
+        return load_split(config.split_file)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"split file {config.split_file} not found (make one with `malaria-cells data split --out FILE`)",
+            code="split_file_invalid",
+        ) from None
+    except (OSError, KeyError, ValueError, UnicodeDecodeError) as e:  # a leaking split (LeakageError) says so itself
+        raise ConfigError(
+            f"split file {config.split_file}: not a split.csv of `malaria-cells data split` ({e!r})",
+            code="split_file_invalid",
+        ) from None
+
+
+def _resumed_config(run: Run, epochs: int | None) -> TrainConfig:
+    """The config a resumed run goes on with: its own, trained to ``epochs`` when given.
+
+    Raises:
+        RunError: ``epochs`` adds no epoch, the run is finished and no more epochs were asked for, or it stopped
+            early (more epochs would stop again at once).
+    """
+    config = run.config()
+    done = len(run.history())
+    if run.finished:
+        stopped = run.meta.stopped or "epochs"
+        if epochs is None or epochs <= done:
+            asked = f"--epochs {epochs} adds none" if epochs is not None else "nothing to resume"
+            raise RunError(
+                f"{run.path} already finished after {done} epoch(s) ({stopped}); {asked}: pass --epochs N with "
+                f"N > {done} to train it on",
+                code="run_already_finished",
+            )
+        if stopped.startswith(("early stop", "time budget")):
+            raise RunError(
+                f"{run.path} stopped by itself ({stopped}) after {done} epoch(s); more epochs would stop again "
+                "after the next one: train a new run (e.g. with a larger --patience or --time-budget)",
+                code="run_stopped_early",
+            )
+    elif epochs is not None and epochs <= done:
+        raise RunError(
+            f"{run.path} has trained {done} epoch(s) already; --epochs {epochs} adds none: pass N > {done}",
+            code="run_already_trained",
+        )
+    return config if epochs is None else config.replace(epochs=epochs)
 
 
 def make_optimizer(
@@ -723,7 +899,8 @@ def train_one_epoch(
             x = plan.batch(idx, gen)
             if world > 1:
                 x, idx = x[share], idx[share]
-            yb = torch.from_numpy(data.labels[idx]).float().to(device)
+            target = data.labels if data.targets is None else data.targets
+            yb = torch.from_numpy(np.asarray(target[idx])).float().to(device)
             with autocast(precision, device):
                 logits = forward(x)
             loss = _bce(logits, yb, config.label_smoothing)
@@ -764,7 +941,9 @@ def validate(plan: Plan, data: Prepared) -> tuple[dict[str, float], float]:
     return row, vm["roc_auc"] - 1e-3 * row["val_loss"]
 
 
-def train(*, config: TrainConfig | None, data_dir: Path, run_dir: Path, resume: bool = False) -> Path:
+def train(
+    *, config: TrainConfig | None, data_dir: Path, run_dir: Path, resume: bool = False, epochs: int | None = None
+) -> Path:
     """Train a model and write a complete run folder.
 
     Args:
@@ -773,6 +952,8 @@ def train(*, config: TrainConfig | None, data_dir: Path, run_dir: Path, resume: 
         data_dir: folder or zip archive of cell images.
         run_dir: the run folder (created).
         resume: continue the run in ``run_dir`` from its last completed epoch.
+        epochs: with ``resume``, train to this many epochs (more than done; a finished run goes on from its last
+            epoch, the cosine schedule stretched to the new count). ``None``: the run's own count.
 
     Returns:
         ``run_dir``.
@@ -786,7 +967,7 @@ def train(*, config: TrainConfig | None, data_dir: Path, run_dir: Path, resume: 
             divisible by them.
         RunError: a broken run folder to resume (a state file that is not ours is refused, never executed).
     """
-    run, config, split = open_run(config=config, run_dir=Path(run_dir), resume=resume)
+    run, config, split = open_run(config=config, run_dir=Path(run_dir), resume=resume, epochs=epochs)
     world = distributed.world_size()  # from torchrun's environment: checked before joining, so a refusal never hangs
     if world > 1 and config.strategy != "scratch":
         raise ConfigError(
@@ -830,6 +1011,10 @@ def _fit(*, run: Run, config: TrainConfig, split: Split | None, data_dir: Path, 
         seed=config.seed,
         max_images=config.max_images,
         cache_dir=config.cache_dir,
+        cv_folds=config.cv_folds,
+        cv_fold=config.cv_fold,
+        split_seed=config.split_seed,
+        exclude=load_exclusions(config.exclude_suspects),
     )
     if distributed.is_main():
         distributed.barrier()
@@ -837,8 +1022,15 @@ def _fit(*, run: Run, config: TrainConfig, split: Split | None, data_dir: Path, 
         if not resume:
             run.save_config(config)
             save_split(data.split, data.images, run.split_path)
+        elif config != run.config():  # --epochs on resume: the run now trains to the new count
+            if run.finished:
+                log.warning("%s: training on to %d epochs; evaluate it again afterwards", run.path, config.epochs)
+            run.save_config(config)
+            run.metadata_path.unlink(missing_ok=True)  # unfinished until finalize writes it again
         _log_split(data)
 
+    if config.distill_from:
+        data.targets = distillation_targets(data, config=config)
     plan = PLANS[config.strategy](model=model, data=data, config=config, prep=prep, device=device, precision=precision)
     steps_per_epoch = max(1, len(data.train_idx) // config.batch_size)
     optimizer, scheduler = make_optimizer(plan, config, steps_per_epoch)
@@ -996,7 +1188,7 @@ def finalize(
     model.load_state_dict(_load_weights(run.weights_path("best")))
     val_sorted = np.sort(data.val_idx)
     threshold, val_metrics = 0.5, {}
-    if plan.val_logits is not None:
+    if plan.val_logits is not None and len(data.val_idx):
         pv = sigmoid(plan.val_logits())
         yv = data.labels[val_sorted]
         threshold = M.choose_threshold(yv, pv, method=config.threshold_method)
@@ -1024,6 +1216,9 @@ def finalize(
         "data_root": data.scan.root,
         "data_manifest_sha256": data.scan.manifest_hash,
         "split_counts": describe(data.split, data.images),
+        "cv": {"folds": config.cv_folds, "fold": config.cv_fold} if config.cv_folds else None,
+        # No test patients: the run's own figures cannot be measured; they come from cross-validation.
+        "final_fit": not len(data.test_idx),
         "val_metrics_at_threshold": val_metrics,
         "best_epoch": best_epoch + 1,
         "epochs_run": len(history),

@@ -8,6 +8,15 @@ const state = { card: null, maxFiles: 32 };
 // The field photo on show: the API's answer, the selected cell, and where "Next infected cell" is.
 const field = { body: null, selected: null, infected: [], next: 0 };
 const $ = (id) => document.getElementById(id);
+// What heatmap=true draws, by the model card's heatmap_method: Grad-CAM needs a torch model; any model can be
+// explained by painting patches of the cell over (occlusion), the shipped ONNX model included.
+const HEATMAPS = {
+  "grad-cam": { name: "Grad-CAM", title: "Grad-CAM: where the model's last layer saw evidence for its label" },
+  occlusion: {
+    name: "occlusion map",
+    title: "Occlusion map: red where painting the cell over moves the model most away from its label",
+  },
+};
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -30,7 +39,7 @@ async function loadModel() {
     const q = card.quantization && card.quantization.precision ? `, ${card.quantization.precision}` : "";
     $("model").textContent =
       `Model: ${card.model} (${card.backend}${q}) · Parasitized when P ≥ ${Number(card.threshold_in_use ?? card.threshold).toFixed(3)}` +
-      (card.explainable ? " · Grad-CAM heatmaps on" : "") +
+      (HEATMAPS[card.heatmap_method] ? ` · heatmaps: ${HEATMAPS[card.heatmap_method].name}` : "") +
       (card.detector ? ` · cell detector ${card.detector.source}` : "");
   } catch (e) {
     $("model").textContent = `Model information unavailable (${e.message}).`;
@@ -41,11 +50,12 @@ function card(file) {
   const preview = el("img", { alt: `uploaded image ${file.name}`, src: URL.createObjectURL(file) });
   // A file the browser cannot show (not an image, corrupt) gets no preview box; the server says why below.
   preview.addEventListener("error", () => preview.closest("figure")?.remove());
+  // The file name above says what the preview is: no caption under it (the heatmap beside it gets one).
   const node = el(
     "article",
     { class: "card", "data-testid": "result", "data-state": "pending" },
     el("p", { class: "name", text: file.name }),
-    el("div", { class: "images" }, el("figure", {}, preview, el("figcaption", { text: "image" }))),
+    el("div", { class: "images" }, el("figure", {}, preview)),
     el("p", { class: "pending", text: "classifying…" }),
   );
   return node;
@@ -61,26 +71,35 @@ function fill(node, result) {
   node.dataset.state = "done";
   node.dataset.label = result.label;
   node.dataset.probability = String(result.probability);
-  if (result.heatmap) {
+  const method = HEATMAPS[state.card && state.card.heatmap_method];
+  if (result.heatmap && method) {
     const fig = el(
       "figure",
-      {},
-      el("img", { alt: `Grad-CAM heatmap for ${result.filename}`, src: result.heatmap, "data-testid": "heatmap" }),
-      el("figcaption", { text: "Grad-CAM" }),
+      { title: method.title },
+      el("img", { alt: `${method.name} for ${result.filename}`, src: result.heatmap, "data-testid": "heatmap" }),
+      el("figcaption", { text: method.name }),
     );
     node.querySelector(".images").append(fig);
   }
   const pct = Math.max(0, Math.min(1, result.probability)) * 100;
-  const bar = el("div", { class: "bar", role: "img", "aria-label": `probability ${pct.toFixed(1)} percent` });
+  const thr = Math.max(0, Math.min(1, result.threshold));
+  const bar = el("div", {
+    class: "bar", role: "img",
+    "aria-label": `probability ${pct.toFixed(1)} percent; Parasitized from ${(thr * 100).toFixed(1)} percent`,
+  });
   const f = el("div", { class: "fill" });
   f.style.width = `${pct}%`;
-  const t = el("div", { class: "thr", title: "threshold" });
-  t.style.left = `${Math.max(0, Math.min(1, result.threshold)) * 100}%`;
+  const t = el("div", { class: "thr" });
+  t.style.left = `${thr * 100}%`;
   bar.append(f, t);
+  // The tick's label, under it; near an end it is aligned to that end so it stays inside the card.
+  const edge = thr < 0.25 ? " start" : thr > 0.75 ? " end" : "";
+  const tick = el("span", { class: `thr-label${edge}`, "data-testid": "threshold", text: `threshold ${thr.toFixed(3)}` });
+  tick.style.left = `${thr * 100}%`;
   node.append(
     el("span", { class: `label ${result.label}`, "data-testid": "label", text: result.label }),
     el("p", { class: "prob", "data-testid": "probability", text: `P(Parasitized) = ${result.probability.toFixed(3)}` }),
-    bar,
+    el("div", { class: "meter" }, bar, tick),
   );
   if (result.flag) {
     // The model answered, but the input is unlike the cells it was trained on: say so instead of a confident label.
@@ -113,7 +132,7 @@ async function send(files) {
   const nodes = list.map(card);
   $("results").prepend(...nodes);
   $("status").textContent = `Classifying ${list.length} image(s)…`;
-  const heat = state.card && state.card.explainable ? "?heatmap=true" : "";
+  const heat = state.card && HEATMAPS[state.card.heatmap_method] ? "?heatmap=true" : "";
   let failed = 0;
   for (let a = 0; a < list.length; a += state.maxFiles) {
     const part = list.slice(a, a + state.maxFiles);
