@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - create .venv, install, run the quick reproduction on the data it finds
 #   make test   - create .venv, install (plus Debian's chromium for the browser test), run lint and tests
-#   make bench  - create .venv, install, run every benchmark of the README's Benchmarks section and rewrite its tables
+#   make bench  - create .venv, install, run every benchmark of docs/benchmarks.md and rewrite its tables
 #                 (make bench BENCH_ARGS=--quick: a short version of each)
 PYTHON ?= python3
 VENV := .venv

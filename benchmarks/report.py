@@ -1,15 +1,15 @@
-"""Rebuild the README's benchmark tables from benchmarks/results/*.json (the last step of ``make bench``).
+"""Rebuild the benchmark tables of docs/benchmarks.md from benchmarks/results/*.json (the last step of ``make bench``).
 
 Reads the results that exist (inference_matrix, scaling, train_speed_*, transfer_strategies, emfet, inference_speed,
 onnx_path, load_test; a missing one gets a line saying how to make it) and replaces the text between
-``<!-- bench:start -->`` and ``<!-- bench:end -->`` in README.md; nothing else in the README changes. Every table
-says where its numbers come from: machine, date and git commit as the JSON records them (for older files that do not,
-the last commit of the JSON file itself), and the command that reruns it. Files are read with
+``<!-- bench:start -->`` and ``<!-- bench:end -->`` in docs/benchmarks.md; nothing else in that file changes. Every
+table says where its numbers come from: machine, date and git commit as the JSON records them (for older files that do
+not, the last commit of the JSON file itself), and the command that reruns it. Files are read with
 :func:`harness.load_result`, which gives old (flat) and new (``malaria-cells-bench/1``) files one shape: ``machine``,
 ``params``, ``results``; ``result[key]`` finds a key in ``results`` or ``params``.
 
-Run: .venv/bin/python benchmarks/report.py [--results benchmarks/results] [--readme README.md] [--check]
-``--check`` writes nothing and exits 1 when the README's section differs from what the JSON files give.
+Run: .venv/bin/python benchmarks/report.py [--results benchmarks/results] [--doc docs/benchmarks.md] [--check]
+``--check`` writes nothing and exits 1 when the document's section differs from what the JSON files give.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 from harness import ROOT, Result, git, load_result
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+DOC = ROOT / "docs" / "benchmarks.md"  # where the tables live (the README links it)
 MODEL_NAMES = {
     "custom-cnn": "custom CNN",
     "efficientnet-lite0": "EfficientNet-Lite0",
@@ -569,41 +570,41 @@ def render(results: Path) -> str:
 
 
 def wrap(line: str, width: int = 118) -> list[str]:
-    """Prose and list lines wrapped to the README's width; tables, headings and comments left whole."""
+    """Prose and list lines wrapped to the docs' width; tables, headings and comments left whole."""
     if len(line) <= width or line.startswith(("|", "#", "<!--")):
         return [line]
     indent = "  " if line.startswith("- ") else ""
     return textwrap.wrap(line, width, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False)
 
 
-def splice(readme: str, section: str) -> str:
-    """``readme`` with the text between the markers (markers included) replaced by ``section``."""
-    a, b = readme.find(START), readme.find(END)
+def splice(doc: str, section: str) -> str:
+    """``doc`` with the text between the markers (markers included) replaced by ``section``."""
+    a, b = doc.find(START), doc.find(END)
     if a < 0 or b < a:
-        raise SystemExit(f"README has no {START} ... {END} block; add it where the tables should go")
-    return readme[:a] + section + readme[b + len(END) :]
+        raise SystemExit(f"no {START} ... {END} block; add it where the tables should go")
+    return doc[:a] + section + doc[b + len(END) :]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--readme", default=str(ROOT / "README.md"))
-    ap.add_argument("--check", action="store_true", help="exit 1 if the README is not what the JSON files give")
+    ap.add_argument("--doc", default=str(DOC), help="the Markdown file whose bench block is rewritten")
+    ap.add_argument("--check", action="store_true", help="exit 1 if the document is not what the JSON files give")
     args = ap.parse_args()
-    readme = Path(args.readme)
-    old = readme.read_text(encoding="utf-8")
+    doc = Path(args.doc)
+    old = doc.read_text(encoding="utf-8")
     new = splice(old, render(Path(args.results)))
     if args.check:
         if new != old:
-            print(f"{readme}: the benchmark section is out of date; run python benchmarks/report.py")
+            print(f"{doc}: the benchmark section is out of date; run python benchmarks/report.py")
             sys.exit(1)
-        print(f"{readme}: up to date")
+        print(f"{doc}: up to date")
         return
     if new != old:
         from malaria_cells.io import atomic_write_text
 
-        atomic_write_text(readme, new)
-    print(f"{readme}: benchmark section {'rewritten' if new != old else 'unchanged'}")
+        atomic_write_text(doc, new)
+    print(f"{doc}: benchmark section {'rewritten' if new != old else 'unchanged'}")
 
 
 if __name__ == "__main__":

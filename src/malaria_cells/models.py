@@ -113,7 +113,7 @@ class ModelSpec:
     those weights were trained with (tests/test_weights.py checks them against timm's ``pretrained_cfg``).
     """
 
-    input_size: int  # px, default; measured (see README) for the custom CNN
+    input_size: int  # px, default; measured (docs/reproduce.md, and the CV of docs/cv.md) for the custom CNN
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     strategy: str  # default strategy: scratch | frozen | finetune
