@@ -32,7 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "malaria-cells-bench/1"
-BENCH_OUTPUTS = ("benchmarks/results/", "docs/benchmarks.md")  # what `make bench` writes: not a change to the code measured
+# What `make bench` writes: not a change to the code measured.
+BENCH_OUTPUTS = ("benchmarks/results/", "docs/benchmarks.md")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 T = TypeVar("T")
 

@@ -561,3 +561,29 @@ def test_app_state_is_one_typed_object(onnx_client: TestClient) -> None:
     state = service_state(app)
     assert isinstance(state, serve_module.ServiceState) and isinstance(state.config, ServeConfig)
     assert not hasattr(app.state, "classifier") and not hasattr(app.state, "model_slots")
+
+
+def test_tta_serving_uses_the_models_tta_threshold(base: Path, cell: Image.Image, tmp_path: Path) -> None:
+    import onnx
+
+    from malaria_cells.errors import ModelError
+    from malaria_cells.predict import dihedral_views
+
+    # Without a stored TTA threshold the service refuses to start with --tta rather than guess one.
+    with pytest.raises(ModelError, match="no TTA threshold"):
+        with TestClient(create_app(model=tiny_onnx(base), tta=True), base_url=LOCAL):
+            pass
+    # A copy of the model that carries one (as a final fit of `reproduce --cv` exports it).
+    m = onnx.load(str(tiny_onnx(base)))
+    m.metadata_props.add(key="tta_threshold", value="0.42")
+    path = tmp_path / "tta.onnx"
+    onnx.save(m, str(path))
+    png = io.BytesIO()
+    cell.save(png, format="PNG")
+    with TestClient(create_app(model=path, tta=True), base_url=LOCAL) as client:
+        status, body = _post(client, ("c.png", png.getvalue()))
+    assert status == 200 and body["results"][0]["threshold"] == 0.42
+    plain = Classifier.load(path)
+    u8, _ = plain.prepare_checked(cell)
+    expected = float(plain.predict_prepared(dihedral_views(u8[None])).mean())
+    assert body["results"][0]["probability"] == pytest.approx(expected, abs=1e-5)

@@ -782,6 +782,12 @@ def serve_cmd(
         list[str] | None,
         typer.Option(help="Another Host name to serve besides localhost and --host (DNS rebinding check); repeat."),
     ] = None,
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta", help="Test-time augmentation for every cell (8 views, the model's own TTA threshold; 8x the work)."
+        ),
+    ] = False,
 ) -> None:
     """Serve the web page (cell images, or a field photo with its cells counted) and the JSON API (/docs)."""
     from malaria_cells.serve import ServeConfig, check_port, serve
@@ -801,6 +807,7 @@ def serve_cmd(
         header_timeout_s=header_timeout,
         allowed_hosts=tuple(allowed_host or ()),
         operating_point=operating_point,
+        tta=tta,
     )
     serve(model=model, detector=detector, host=host, port=port, config=config)
 

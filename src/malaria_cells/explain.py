@@ -124,8 +124,9 @@ def explain(classifier: Classifier, image: ImageInput, *, name: str = "<image>")
     u8 = classifier.prepare(image, name=name)
     device = next(model.parameters()).device  # CUDA when the run was loaded there
     x = to_input(torch.from_numpy(u8[None]).to(device), classifier.prep).contiguous()
-    with torch.no_grad():
-        prob = float(torch.sigmoid(model.eval()(x))[0])
+    # The probability the classifier itself reports (its backend applies the stored temperature and TTA), so the
+    # label explained is the label predicted, on the threshold's own scale.
+    prob = float(classifier.predict_prepared(u8[None])[0])
     positive = prob >= classifier.threshold
     cam, _ = grad_cam(model, x, sign=1.0 if positive else -1.0)
     pred = Prediction(name, classifier.label_of(prob), prob, classifier.threshold)

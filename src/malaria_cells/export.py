@@ -124,7 +124,13 @@ def onnx_metadata(meta: dict, *, extra: dict | None = None) -> dict[str, object]
         # without this package divides the logit by it and lands on the thresholds' scale.
         "temperature": meta.get("temperature") or 1.0,
         "temperature_fitted_on": meta.get("temperature_fitted_on"),
+        # Test-time augmentation (8 views) has its own thresholds, chosen on out-of-fold predictions of the CV.
+        "tta_threshold": meta.get("tta_threshold"),
+        "tta_operating_points": meta.get("tta_operating_points"),
         "split_kind": meta.get("split_kind"),
+        # A final fit has no test patients: its figures are the cross-validation's estimate, carried here.
+        "final_fit": bool(meta.get("final_fit")),
+        "cv_estimate": meta.get("cv_estimate"),
         "data_manifest_sha256": meta.get("data_manifest_sha256"),
         "val_metrics_at_threshold": meta.get("val_metrics_at_threshold"),
         "source_run_created": meta.get("created"),

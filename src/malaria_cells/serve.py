@@ -193,6 +193,7 @@ class ServeConfig:
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
     allowed_hosts: tuple[str, ...] = ()
     operating_point: str | None = None  # a named threshold of the model for cells (None: its default threshold)
+    tta: bool = False  # 8-view test-time augmentation for every cell, at the model's own TTA threshold
 
     def __post_init__(self) -> None:
         _positive("max_upload_mb", self.max_upload_mb)
@@ -540,7 +541,9 @@ class ServiceState:
         cfg = self.config
         if self.classifier is None:
             self.classifier = await run_in_threadpool(
-                lambda: Classifier.load(self.model, threads=cfg.model_threads, operating_point=cfg.operating_point)
+                lambda: Classifier.load(
+                    self.model, threads=cfg.model_threads, operating_point=cfg.operating_point, tta=cfg.tta
+                )
             )
             self.owns_classifier = True
         # The detector is small (~0.2 MB, loads in milliseconds): loaded now, so a bad --detector fails at start-up
