@@ -9,6 +9,7 @@ neither :mod:`malaria_cells.weights` nor timm at import time.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -163,17 +164,6 @@ MODELS: dict[str, ModelSpec] = {
         epochs=30,
         description="Compact CNN from scratch (8 conv layers, ~0.59 M params)",
     ),
-    "custom-cnn-slim": ModelSpec(
-        build=functools.partial(CustomCNN, stages=SLIM_STAGES),
-        input_size=48,
-        mean=(0.0, 0.0, 0.0),
-        std=(1.0, 1.0, 1.0),
-        strategy="scratch",
-        weights="none",
-        lr=3e-3,
-        epochs=30,
-        description="The compact CNN with one convolution fewer in two middle stages (6 conv layers, ~0.54 M params)",
-    ),
     "resnet50v2": ModelSpec(
         timm_arch="resnetv2_50",
         input_size=128,
@@ -201,6 +191,14 @@ MODELS: dict[str, ModelSpec] = {
         head_hidden=HEAD_HIDDEN,
     ),
 }
+
+
+MODELS["custom-cnn-slim"] = dataclasses.replace(
+    MODELS["custom-cnn"],
+    build=functools.partial(CustomCNN, stages=SLIM_STAGES),
+    input_size=48,
+    description="The compact CNN with one convolution fewer in two middle stages (6 conv layers, ~0.54 M params)",
+)
 
 
 def get_spec(name: str) -> ModelSpec:
