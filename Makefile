@@ -38,6 +38,7 @@ lint: $(STAMP)
 # One script after another, never in parallel: each measures the machine and needs it to itself.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/inference_matrix.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/arch_speed.py $(if $(QUICK),--rounds 2,--rounds 7)
 	$(BIN)/python benchmarks/scaling.py $(BENCH_ARGS)
 	$(BIN)/python benchmarks/train_speed.py --model custom-cnn $(if $(QUICK),--steps 4 --rounds 1,--steps 15 --rounds 3)
 	$(BIN)/python benchmarks/train_speed.py --model efficientnet-lite0 \

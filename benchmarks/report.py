@@ -298,6 +298,29 @@ def decode_speed(d: Result) -> list[str]:
     return [*out, ""]
 
 
+def arch_speed(d: Result) -> list[str]:
+    """Decoded cells/s of custom-CNN layouts x ONNX formats at batch 64, beside the shipped model."""
+    rows = [
+        [
+            name,
+            ", ".join(f"{c}×{n}" if n > 1 else str(c) for c, n in r["stages"]) if r.get("stages") else "—",
+            f"{r['parameters']:,}" if r.get("parameters") else "—",
+            f"{r['onnx_kb']:.0f}" if r.get("onnx_kb") else "—",
+            rate(r["cells_per_s"]["median"]),
+        ]
+        for name, r in d.results.items()
+    ]
+    out = heading("Faster networks: custom-CNN layouts and ONNX formats (decoded cells, batch 64)", d.command, d)
+    out += table(["Layout · format", "Channels per conv, by stage", "Params", "ONNX KB", "cells/s"], rows)
+    out += [
+        "",
+        f"{d['cells']:,} letterboxed NIH cells at {d['size']} px in batches of {d['batch']}, "
+        "`Classifier.predict_prepared` (the model only), every candidate in every round (interleaved), median of "
+        f"{d['rounds']} rounds; random weights (speed does not depend on them), int8 as `malaria-cells export --int8`.",
+    ]
+    return [*out, ""]
+
+
 def time_to_accuracy(d: Result) -> list[str]:
     """Time to each target validation accuracy, per run, from the runs' own training logs."""
     targets = d["targets"]
@@ -544,6 +567,7 @@ def render(results: Path) -> str:
         "python benchmarks/inference_matrix.py",
         inference_matrix,
     )
+    out += section("arch_speed.json", "Faster networks", "python benchmarks/arch_speed.py", arch_speed)
     out += section("scaling.json", "How cost grows with the number of images", "python benchmarks/scaling.py", scaling)
     speeds = sorted(results.glob("train_speed_*.json"))
     out += (
