@@ -6,6 +6,7 @@ never imports torch)::
     from malaria_cells import Classifier, analyze_smear
     clf = Classifier.load()                     # the shipped ONNX cell model
     result = analyze_smear("field.jpg")         # every red cell of a field photo, counted
+    adapt(run="runs/cnn", data="my-lab/", annotations=None, out="runs/my-lab")  # a lab's cells (training extra)
 
 Research and education use only; not a medical device and not for diagnosis.
 """
@@ -21,6 +22,8 @@ _API = {
     "Prediction": "malaria_cells.predict",
     "analyze_smear": "malaria_cells.smear",
     "SmearAnalyzer": "malaria_cells.smear",
+    "adapt": "malaria_cells.adapt",  # needs the training extra (torch)
+    "AdaptConfig": "malaria_cells.adapt",
     "Run": "malaria_cells.run",
     "MalariaCellsError": "malaria_cells.errors",
 }

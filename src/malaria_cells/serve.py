@@ -71,6 +71,7 @@ from malaria_cells import __version__
 from malaria_cells.errors import EXIT_UNAVAILABLE, ConfigError, MalariaCellsError, require_train_extra
 from malaria_cells.predict import UNKNOWN, Classifier, ModelError, resolve_model
 from malaria_cells.preprocess import MAX_PIXELS, ImageError, decode_image, webp_size
+from malaria_cells.serve_adapt import ADAPT_PATH, AdaptJobs, adapt_router
 
 if TYPE_CHECKING:  # the smear modules load scipy: imported when the service starts, not with this module
     from malaria_cells.detect import Detector
@@ -194,6 +195,8 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] = ()
     operating_point: str | None = None  # a named threshold of the model for cells (None: its default threshold)
     tta: bool = False  # 8-view test-time augmentation for every cell, at the model's own TTA threshold
+    adapt_base: str | None = None  # the run folder POST /api/v1/adapt fine-tunes (default: the model, if a run)
+    adapt_max_upload_mb: float = 500.0  # the zip of a lab's labelled cells or boxed photos
 
     def __post_init__(self) -> None:
         _positive("max_upload_mb", self.max_upload_mb)
@@ -1471,6 +1474,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         state.stop()
+        app.state.adapt_jobs.close()
+
+
+def _adapt_base(model: str | Path | None, classifier: Classifier | None, cfg: ServeConfig) -> Path | None:
+    """The run folder adapt jobs start from: the configured one, else the served model when it is a run folder."""
+    if cfg.adapt_base:
+        return Path(cfg.adapt_base)
+    source = Path(classifier.source) if classifier is not None else (Path(model) if model is not None else None)
+    return source if source is not None and source.is_dir() else None
 
 
 def create_app(
@@ -1519,7 +1531,9 @@ def create_app(
         redoc_url=None,
     )
     app.state.service = state
+    app.state.adapt_jobs = AdaptJobs(base=_adapt_base(model, classifier, cfg))
     app.include_router(api_router(cfg))
+    app.include_router(adapt_router())
     app.add_api_route("/", index, methods=["GET"], include_in_schema=False)
     app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
     app.add_api_route("/redoc", docs, methods=["GET"], include_in_schema=False)  # the address FastAPI users try
@@ -1533,7 +1547,10 @@ def create_app(
         BodyGuard,
         max_bytes=cfg.max_request_bytes,
         timeout_s=cfg.body_timeout_s,
-        path_limits={SMEAR_PATH: (cfg.max_photo_request_bytes, "one photo per request, at most max upload size")},
+        path_limits={
+            SMEAR_PATH: (cfg.max_photo_request_bytes, "one photo per request, at most max upload size"),
+            ADAPT_PATH: (int(cfg.adapt_max_upload_mb * 1e6), "one zip of labelled cells, at most adapt_max_upload_mb"),
+        },
     )
     app.add_middleware(HostCheck, allowed=state.hosts)
     app.add_middleware(SecurityHeaders)
