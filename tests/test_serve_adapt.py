@@ -98,3 +98,19 @@ def test_adapt_over_rest_returns_a_model_and_its_report(tmp_path: Path, share: P
         path.write_bytes(onnx.content)
         assert OnnxBackend(path).meta["threshold"] == pytest.approx(info["threshold"])
         assert client.get("/api/v1/adapt/nope").json()["error"]["code"] == "adapt_job_not_found"
+
+
+def test_the_shipped_run_is_the_shipped_models_weights(share: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from malaria_cells.backends import SHIPPED_MODEL, SHIPPED_RUN, TorchBackend
+    from malaria_cells.preprocess import letterbox, load_image
+
+    # adapt (CLI default, and REST on a service of the shipped model) starts from these weights: they must be the
+    # shipped model's own, or the adapted model would start from something else than what users ran.
+    cells = np.stack([letterbox(load_image(p), 48) for p in sorted((share / "Parasitized").glob("*.webp"))[:16]])
+    fp32 = OnnxBackend(SHIPPED_MODEL.parent / "default-fp32.onnx")
+    torch_probs = TorchBackend(SHIPPED_RUN, precision="fp32")(cells)
+    assert np.abs(fp32(cells) - torch_probs).max() < 1e-4
+    monkeypatch.delenv("MALARIA_CELLS_MODEL", raising=False)
+    assert create_app().state.adapt_jobs.base == SHIPPED_RUN

@@ -41,6 +41,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only; torch is imported lazily
 
 MODEL_ENV = "MALARIA_CELLS_MODEL"
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models_shipped" / "default.onnx"
+# The run folder the shipped model was exported from (weights and metadata only): what `adapt` fine-tunes when no
+# other run is given, since an ONNX file cannot be fine-tuned. It needs the training extra (torch) to load.
+SHIPPED_RUN = SHIPPED_MODEL.parent / "default-run"
 ONNX_FORMAT = "malaria-cells-onnx/1"
 ONNX_INPUT = "image"  # uint8 (N, S, S, 3) RGB, letterboxed; normalisation happens inside the graph
 ONNX_OUTPUTS = ("logit", "prob_parasitized")

@@ -960,7 +960,10 @@ def smear_eval_cmd(
 
 @app.command("adapt")
 def adapt_cmd(
-    model: Annotated[Path, typer.Option("--model", "-m", help="The run folder to adapt (its torch weights).")],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", help="The run folder to adapt (its torch weights). Default: the shipped model's."),
+    ] = None,
     data: Annotated[
         Path, typer.Option(help="The lab's field photos (with --annotations) or a folder of labelled cells.")
     ],
@@ -993,7 +996,9 @@ def adapt_cmd(
         epochs=epochs, val_fraction=val_fraction, test_fraction=test_fraction,
         target_specificity=target_specificity, seed=seed,
     )  # fmt: skip
-    result = adapt(run=model, data=data, annotations=annotations, out=out, config=cfg)
+    from malaria_cells.backends import SHIPPED_RUN
+
+    result = adapt(run=model or SHIPPED_RUN, data=data, annotations=annotations, out=out, config=cfg)
     test = result.report.get("test")
     if test:
         console.print(adapt_table(test))

@@ -68,6 +68,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from malaria_cells import __version__
+from malaria_cells.backends import SHIPPED_MODEL, SHIPPED_RUN
 from malaria_cells.errors import EXIT_UNAVAILABLE, ConfigError, MalariaCellsError, require_train_extra
 from malaria_cells.predict import UNKNOWN, Classifier, ModelError, resolve_model
 from malaria_cells.preprocess import MAX_PIXELS, ImageError, decode_image, webp_size
@@ -1482,7 +1483,13 @@ def _adapt_base(model: str | Path | None, classifier: Classifier | None, cfg: Se
     if cfg.adapt_base:
         return Path(cfg.adapt_base)
     source = Path(classifier.source) if classifier is not None else (Path(model) if model is not None else None)
-    return source if source is not None and source.is_dir() else None
+    if source is not None and source.is_dir():
+        return source
+    # The shipped ONNX model is adapted from the run it was exported from (shipped beside it).
+    shipped = source is None and not os.environ.get("MALARIA_CELLS_MODEL")
+    if (shipped or (source is not None and source.resolve() == SHIPPED_MODEL.resolve())) and SHIPPED_RUN.is_dir():
+        return SHIPPED_RUN
+    return None
 
 
 def create_app(
