@@ -133,3 +133,21 @@ def test_adapt_scores_a_calibrated_base_with_its_temperature_and_stores_none(tmp
     adapted = Run.open(result.out).meta
     assert adapted.temperature is None and "temperature_fitted_on" not in adapted.to_dict()
     assert OnnxBackend(result.onnx).temperature == 1.0
+
+
+def test_adapt_command_starts_from_the_shipped_model_by_default(tmp_path, share):
+    from typer.testing import CliRunner
+
+    from malaria_cells.backends import SHIPPED_RUN
+    from malaria_cells.cli import app
+
+    cells = tmp_path / "lab"
+    for label in ("Parasitized", "Uninfected"):
+        (cells / label).mkdir(parents=True)
+        for p in sorted((share / label).glob("*.webp"))[:30]:
+            (cells / label / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "adapted"
+    res = CliRunner().invoke(app, ["adapt", "--data", str(cells), "--out", str(out), "--epochs", "1"])
+    assert res.exit_code == 0, res.output
+    assert Run.open(out).meta.to_dict()["adapted"]["from_run"] == str(SHIPPED_RUN)
+    assert (out / "model.onnx").is_file()

@@ -960,14 +960,16 @@ def smear_eval_cmd(
 
 @app.command("adapt")
 def adapt_cmd(
-    model: Annotated[
-        Path | None,
-        typer.Option("--model", "-m", help="The run folder to adapt (its torch weights). Default: the shipped model's."),
-    ] = None,
     data: Annotated[
         Path, typer.Option(help="The lab's field photos (with --annotations) or a folder of labelled cells.")
     ],
     out: Annotated[Path, typer.Option(help="The adapted run folder (with model.onnx).")],
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model", "-m", help="The run folder to adapt (its torch weights). Default: the shipped model's."
+        ),
+    ] = None,
     annotations: Annotated[
         Path | None, typer.Option(help="Boxes of the photos: the IML share's JSON or COCO JSON.")
     ] = None,
