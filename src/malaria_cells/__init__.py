@@ -6,7 +6,7 @@ never imports torch)::
     from malaria_cells import Classifier, analyze_smear
     clf = Classifier.load()                     # the shipped ONNX cell model
     result = analyze_smear("field.jpg")         # every red cell of a field photo, counted
-    adapt(run="runs/cnn", data="my-lab/", annotations=None, out="runs/my-lab")  # a lab's cells (training extra)
+    from malaria_cells.adapt import adapt       # fine-tune on a lab's cells (the training extra)
 
 Research and education use only; not a medical device and not for diagnosis.
 """
@@ -22,8 +22,7 @@ _API = {
     "Prediction": "malaria_cells.predict",
     "analyze_smear": "malaria_cells.smear",
     "SmearAnalyzer": "malaria_cells.smear",
-    "adapt": "malaria_cells.adapt",  # needs the training extra (torch)
-    "AdaptConfig": "malaria_cells.adapt",
+    "AdaptConfig": "malaria_cells.adapt",  # adapt() itself: from malaria_cells.adapt import adapt (training extra)
     "Run": "malaria_cells.run",
     "MalariaCellsError": "malaria_cells.errors",
 }
