@@ -110,6 +110,14 @@ def test_smear_without_training_extra(tmp_path):
     assert len(list((tmp_path / "out" / "overlays").iterdir())) == 1  # the overlay: Pillow only
 
 
+def test_explain_without_training_extra(cell, tmp_path):
+    # The shipped ONNX model gets an occlusion map: no gradients, no torch, no matplotlib.
+    proc, report = _run(CLI, "explain", str(cell), "--out", str(tmp_path / "maps"))
+    _assert_torch_free(proc, report)
+    (png,) = (tmp_path / "maps").glob("*_occlusion.png")
+    assert png.stat().st_size > 1000
+
+
 def test_serve_without_training_extra(cell):
     # The real app on a loopback port, started as `serve` starts it, answering a cell and a field photo.
     code = BOOT + (

@@ -692,10 +692,13 @@ def predict_cmd(
 @app.command("explain")
 def explain_cmd(
     images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="A run folder (Grad-CAM needs the torch model).")],
-    out: Annotated[Path, typer.Option(help="Folder for the <name>_gradcam.png figures.")] = Path("gradcam"),
+    model: ModelOpt = None,
+    out: Annotated[Path, typer.Option(help="Folder for the <name>_<method>.png figures.")] = Path("heatmaps"),
 ) -> None:
-    """Grad-CAM heatmaps: one PNG per image with the label and P(Parasitized) in its title.
+    """Heatmaps of what drove each prediction: one PNG per image, the label and P(Parasitized) above it.
+
+    A run folder (torch) gets Grad-CAM; an ONNX model (the shipped one by default) gets occlusion sensitivity (each
+    patch of the cell painted over in turn, how far the logit moves), which needs no gradients and no torch.
 
     Exit code 1 when any image could not be read, 2 for an unusable model (the message names the file).
     """
@@ -704,10 +707,12 @@ def explain_cmd(
     from malaria_cells.predict import Classifier
     from malaria_cells.terminal import console
 
-    # ModelError (unusable model, or an ONNX file: no gradients) -> one line naming the file, exit code 2.
+    # ModelError (unusable model) -> one line naming the file, exit code 2.
     clf = Classifier.load(model)
-    _ = clf.torch_model
-    from malaria_cells.explain import explain_files
+    if clf.explainable:
+        from malaria_cells.explain import explain_files
+    else:
+        from malaria_cells.heatmaps import explain_files
 
     results = explain_files(clf, collect_inputs(images), out_dir=out)
     for pred, path in results:

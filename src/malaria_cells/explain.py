@@ -17,11 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from malaria_cells import heatmaps
 from malaria_cells.heatmaps import Explanation, colorize, overlay, overlay_png
-from malaria_cells.io import atomic_write
 from malaria_cells.models import to_input
 from malaria_cells.predict import Classifier, ImageInput, Prediction
-from malaria_cells.preprocess import ImageError
 
 __all__ = [
     "Explanation",
@@ -31,7 +30,6 @@ __all__ = [
     "grad_cam",
     "overlay",
     "overlay_png",
-    "save_figure",
     "target_layer",
 ]
 
@@ -133,41 +131,6 @@ def explain(classifier: Classifier, image: ImageInput, *, name: str = "<image>")
     return Explanation(pred, u8, cam)
 
 
-def save_figure(expl: Explanation, path: Path) -> Path:
-    """Write the input and its overlay side by side, label and probability in the title, as a PNG.
-
-    Args:
-        expl: an explanation.
-        path: the ``.png`` to write (atomically).
-
-    Returns:
-        ``path``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    p = expl.prediction
-    fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.6), dpi=120)
-    axes[0].imshow(expl.image)
-    axes[0].set_title("input (letterboxed)", fontsize=9)
-    axes[1].imshow(overlay(expl.image, expl.heatmap))
-    axes[1].set_title("Grad-CAM (evidence for the label)", fontsize=9)
-    for ax in axes:
-        ax.axis("off")
-    fig.suptitle(
-        f"{p.label}: P(Parasitized) = {p.probability:.3f} (threshold {p.threshold:.3f})\n{Path(p.source).name}",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    try:
-        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
-    return Path(path)
-
-
 def explain_files(classifier: Classifier, paths: list[str], *, out_dir: Path) -> list[tuple[Prediction, Path | None]]:
     """Write one Grad-CAM figure per image into ``out_dir``; unreadable images get their error instead.
 
@@ -179,21 +142,4 @@ def explain_files(classifier: Classifier, paths: list[str], *, out_dir: Path) ->
     Returns:
         (prediction, figure path or None) per image.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results: list[tuple[Prediction, Path | None]] = []
-    used: set[str] = set()
-    for path in paths:
-        try:
-            expl = explain(classifier, path, name=str(path))
-        except ImageError as e:
-            results.append((Prediction(str(path), None, None, classifier.threshold, error=str(e)), None))
-            continue
-        stem = Path(path).stem
-        name, k = f"{stem}_gradcam.png", 1
-        while name in used:  # same file name in two folders
-            k += 1
-            name = f"{stem}_{k}_gradcam.png"
-        used.add(name)
-        results.append((expl.prediction, save_figure(expl, out_dir / name)))
-    return results
+    return heatmaps.explain_files(classifier, paths, out_dir=out_dir, explain=explain, method="Grad-CAM")

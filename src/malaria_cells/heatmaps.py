@@ -10,8 +10,10 @@ timm. It is one model call on at most 1 + 11 x 11 images (at the shipped model's
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -160,3 +162,77 @@ def overlay_png(expl: Explanation, *, scale: int = 3) -> bytes:
         PNG bytes.
     """
     return heatmap_png(expl.image, expl.heatmap, scale=scale)
+
+
+def figure_png(expl: Explanation, *, method: str, scale: int = 4) -> bytes:
+    """The input and its heatmap overlay side by side, label and probability above: a PNG made with Pillow only.
+
+    Args:
+        expl: an explanation.
+        method: the heatmap's name in the caption ("occlusion", "Grad-CAM").
+        scale: integer upscaling of the (small) model input.
+
+    Returns:
+        PNG bytes.
+    """
+    from PIL import ImageDraw
+
+    p = expl.prediction
+    left = Image.fromarray(expl.image).resize((expl.image.shape[1] * scale, expl.image.shape[0] * scale), Image.NEAREST)
+    right = Image.fromarray(overlay(expl.image, expl.heatmap, scale=scale))
+    head = 44
+    fig = Image.new("RGB", (left.width + right.width + 12, left.height + head), "white")
+    fig.paste(left, (0, head))
+    fig.paste(right, (left.width + 12, head))
+    draw = ImageDraw.Draw(fig)
+    draw.text((4, 4), f"{p.label}: P(Parasitized) = {p.probability:.3f} (threshold {p.threshold:.3f})", fill="black")
+    draw.text((4, 22), f"input | {method} (evidence for the label)", fill="black")
+    buf = io.BytesIO()
+    fig.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def explain_files(
+    classifier: Classifier,
+    paths: list[str],
+    *,
+    out_dir: Path,
+    explain: Callable[..., Explanation] | None = None,
+    method: str = "occlusion",
+) -> list[tuple[Prediction, Path | None]]:
+    """Write one heatmap figure per image into ``out_dir``; unreadable images get their error instead.
+
+    Args:
+        classifier: any classifier (ONNX or torch).
+        paths: image files.
+        out_dir: output folder (created); figures are named ``<stem>_<method>.png``.
+        explain: the heatmap (default :func:`occlusion`; :func:`malaria_cells.explain.explain` for Grad-CAM).
+        method: its name, in file names and captions.
+
+    Returns:
+        (prediction, figure path or None) per image.
+    """
+    from malaria_cells.io import atomic_write
+    from malaria_cells.preprocess import ImageError
+
+    explain = explain or occlusion
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = method.lower().replace("-", "")
+    results: list[tuple[Prediction, Path | None]] = []
+    used: set[str] = set()
+    for path in paths:
+        try:
+            expl = explain(classifier, path, name=str(path))
+        except ImageError as e:
+            results.append((Prediction(str(path), None, None, classifier.threshold, error=str(e)), None))
+            continue
+        stem = Path(path).stem
+        name, k = f"{stem}_{suffix}.png", 1
+        while name in used:  # same file name in two folders
+            k += 1
+            name = f"{stem}_{k}_{suffix}.png"
+        used.add(name)
+        png = figure_png(expl, method=method)
+        results.append((expl.prediction, atomic_write(out_dir / name, lambda tmp, b=png: tmp.write_bytes(b))))
+    return results
