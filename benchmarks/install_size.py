@@ -125,7 +125,7 @@ def main() -> None:
                 "seconds": round(predict_s, 2),
                 "file": str(args.cell),
                 "label": pred and pred["label"],
-                "probability": pred and round(pred["probability"], 4),
+                "probability": pred and round(pred["prob_parasitized"], 4),
                 "model_source": predict.returncode == 0 and json.loads(predict.stdout)["model"]["source"],
                 "stderr_tail": predict.stderr[-500:] if predict.returncode else "",
             },

@@ -121,10 +121,10 @@ def test_upload_a_real_cell_and_read_the_result(server: str, browser, share: Pat
     card = page.locator("[data-testid=result][data-state=done]")
     card.wait_for(timeout=60_000)
     assert card.get_attribute("data-label") == expected["label"]
-    assert float(card.get_attribute("data-probability")) == pytest.approx(expected["probability"], abs=1e-6)
+    assert float(card.get_attribute("data-probability")) == pytest.approx(expected["prob_parasitized"], abs=1e-6)
     assert card.locator("[data-testid=label]").inner_text() == expected["label"]
     shown = card.locator("[data-testid=probability]").inner_text()
-    assert shown == f"P(Parasitized) = {expected['probability']:.3f}"
+    assert shown == f"P(Parasitized) = {expected['prob_parasitized']:.3f}"
     heat = card.locator("[data-testid=heatmap]")
     heat.wait_for()
     assert heat.evaluate("img => img.complete && img.naturalWidth > 0")

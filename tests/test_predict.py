@@ -427,7 +427,7 @@ def test_cli_jsonl_has_error_codes_and_csv_keeps_its_columns(base: Path, folder:
     res = _invoke(["predict", str(folder / "notes.png"), str(folder / "a.png"), "--model", model, "-f", "jsonl"])
     rows = [json.loads(line) for line in res.stdout.splitlines()]
     assert res.exit_code == 1 and rows[0]["error_code"] == "not_an_image" and rows[0]["error_status"] == 415
-    assert rows[1]["error_code"] is None and rows[1]["probability"] is not None
+    assert rows[1]["error_code"] is None and rows[1]["prob_parasitized"] is not None
     res = _invoke(["predict", str(folder / "a.png"), "--model", model, "-f", "csv"])
     assert res.stdout.splitlines()[0] == "source,label,prob_parasitized,threshold,flag,error"
 

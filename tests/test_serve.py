@@ -154,18 +154,18 @@ def test_predict_one_and_many(onnx_client: TestClient, cell: Image.Image) -> Non
     assert status == 200
     (r,) = body["results"]
     assert r["ok"] and r["filename"] == "cell.png" and r["label"] in ("Parasitized", "Uninfected")
-    assert 0 <= r["probability"] <= 1 and r["threshold"] == body["model"]["threshold"]
-    assert (r["label"] == "Parasitized") == (r["probability"] >= r["threshold"])
+    assert 0 <= r["prob_parasitized"] <= 1 and r["threshold"] == body["model"]["threshold"]
+    assert (r["label"] == "Parasitized") == (r["prob_parasitized"] >= r["threshold"])
     assert r["heatmap"] is None and "error" not in body
     expected = Classifier.load(service_state(onnx_client.app).classifier.source).predict(cell)[0].probability
-    assert r["probability"] == pytest.approx(expected, abs=1e-6)
+    assert r["prob_parasitized"] == pytest.approx(expected, abs=1e-6)
     # More files than one model batch (8): batched model calls give the same answers, in upload order.
     many = [(f"c{i}.png", png_bytes(cell.rotate(90 * i))) for i in range(11)]
     status, body = _post(onnx_client, *many)
     assert status == 200 and [x["filename"] for x in body["results"]] == [n for n, _ in many]
     direct = Classifier.load(service_state(onnx_client.app).classifier.source).predict([d for _, d in many])
     for got, want in zip(body["results"], direct, strict=True):
-        assert got["probability"] == pytest.approx(want.probability, abs=1e-6)
+        assert got["prob_parasitized"] == pytest.approx(want.probability, abs=1e-6)
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))
@@ -175,7 +175,7 @@ def test_bad_and_unusual_images(onnx_client: TestClient, cell: Image.Image, case
     assert status == want_status, body
     (r,) = body["results"]
     if want_status == 200:
-        assert r["ok"] and 0 <= r["probability"] <= 1 and r["raw_label"] in ("Parasitized", "Uninfected")
+        assert r["ok"] and 0 <= r["prob_parasitized"] <= 1 and r["raw_label"] in ("Parasitized", "Uninfected")
         assert r["flag"] == (want_code or "")
         assert r["label"] == ("Unknown" if want_code else r["raw_label"])  # a flagged input is not given a label
     else:
@@ -202,7 +202,7 @@ def test_usable_conversions_match_the_direct_prediction(onnx_client: TestClient,
     odd = bad_and_odd_images(cell)
     for case, img in (("rgba", cell), ("gray", cell.convert("L")), ("gray16", cell.convert("L"))):
         _, body = _post(onnx_client, (f"{case}.png", odd[case]))
-        assert body["results"][0]["probability"] == pytest.approx(clf.predict(img)[0].probability, abs=1e-6), case
+        assert body["results"][0]["prob_parasitized"] == pytest.approx(clf.predict(img)[0].probability, abs=1e-6), case
 
 
 def test_upload_limit_is_configurable(onnx_client: TestClient, base: Path, cell: Image.Image) -> None:
@@ -326,7 +326,7 @@ def test_onnx_model_returns_occlusion_heatmaps(onnx_client: TestClient, cell: Im
     clf = service_state(onnx_client.app).classifier
     u8 = clf.prepare(cell)
     expected, prob = occlusion_map(clf, u8)
-    assert prob == pytest.approx(good["probability"], abs=1e-6)
+    assert prob == pytest.approx(good["prob_parasitized"], abs=1e-6)
     assert np.array_equal(np.asarray(png.convert("RGB")), overlay(u8, expected, scale=3))
     _, body = _post(onnx_client, ("cell.png", png_bytes(cell)))
     assert body["results"][0]["heatmap"] is None  # only on request
@@ -368,7 +368,7 @@ def test_openapi_shows_the_response_schemas_and_the_limits(onnx_client: TestClie
         schemas["HealthResponse"]["properties"]
     )
     assert {"results", "model", "error"} <= set(schemas["PredictResponse"]["properties"])
-    assert {"filename", "label", "probability", "threshold", "heatmap"} <= set(schemas["FileSuccess"]["properties"])
+    assert {"filename", "label", "prob_parasitized", "threshold", "heatmap"} <= set(schemas["FileSuccess"]["properties"])
     assert {"max_files", "max_upload_mb", "max_request_megapixels"} <= set(schemas["ServiceLimits"]["properties"])
     text = spec["paths"]["/api/v1/predict"]["post"]["description"]
     assert "at most 32 files per request" in text and "1 MB per file" in text and "64 megapixels per request" in text
@@ -586,4 +586,4 @@ def test_tta_serving_uses_the_models_tta_threshold(base: Path, cell: Image.Image
     plain = Classifier.load(path)
     u8, _ = plain.prepare_checked(cell)
     expected = float(plain.predict_prepared(dihedral_views(u8[None])).mean())
-    assert body["results"][0]["probability"] == pytest.approx(expected, abs=1e-5)
+    assert body["results"][0]["prob_parasitized"] == pytest.approx(expected, abs=1e-5)

@@ -108,7 +108,7 @@ class Prediction:
         return {
             "source": self.source,
             "label": self.label,
-            "probability": self.probability,
+            "prob_parasitized": self.probability,
             "threshold": self.threshold,
             "error": self.error,
             "error_code": self.error_code,

@@ -312,8 +312,10 @@ class FileSuccess(BaseModel):
         description="Parasitized or Uninfected; Unknown when the image does not look like a single stained cell on "
         "black (the flag says why)."
     )
-    probability: float = Field(ge=0, le=1, description="P(Parasitized).")
-    threshold: float = Field(description="Parasitized when probability >= threshold.")
+    prob_parasitized: float = Field(
+        ge=0, le=1, description="P(Parasitized), as the CSV column and smear cells name it."
+    )
+    threshold: float = Field(description="Parasitized when prob_parasitized >= threshold.")
     flag: str = Field(
         default="",
         description="Why the input is unlike the training cells ('not a single cell', 'background not black', "
@@ -1177,7 +1179,12 @@ async def predict(
             label = UNKNOWN if u.flag and clf.unknown_when_flagged else raw
             results.append(
                 FileSuccess(
-                    filename=u.name, label=label, probability=p, threshold=clf.threshold, flag=u.flag, raw_label=raw
+                    filename=u.name,
+                    label=label,
+                    prob_parasitized=p,
+                    threshold=clf.threshold,
+                    flag=u.flag,
+                    raw_label=raw,
                 )
             )
         else:

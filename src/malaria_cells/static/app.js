@@ -70,7 +70,7 @@ function fill(node, result) {
   }
   node.dataset.state = "done";
   node.dataset.label = result.label;
-  node.dataset.probability = String(result.probability);
+  node.dataset.probability = String(result.prob_parasitized);
   const method = HEATMAPS[state.card && state.card.heatmap_method];
   if (result.heatmap && method) {
     const fig = el(
@@ -81,7 +81,7 @@ function fill(node, result) {
     );
     node.querySelector(".images").append(fig);
   }
-  const pct = Math.max(0, Math.min(1, result.probability)) * 100;
+  const pct = Math.max(0, Math.min(1, result.prob_parasitized)) * 100;
   const thr = Math.max(0, Math.min(1, result.threshold));
   const bar = el("div", {
     class: "bar", role: "img",
@@ -98,7 +98,7 @@ function fill(node, result) {
   tick.style.left = `${thr * 100}%`;
   node.append(
     el("span", { class: `label ${result.label}`, "data-testid": "label", text: result.label }),
-    el("p", { class: "prob", "data-testid": "probability", text: `P(Parasitized) = ${result.probability.toFixed(3)}` }),
+    el("p", { class: "prob", "data-testid": "probability", text: `P(Parasitized) = ${result.prob_parasitized.toFixed(3)}` }),
     el("div", { class: "meter" }, bar, tick),
   );
   if (result.flag) {
