@@ -57,6 +57,8 @@ LEVELS: dict[str, int] = {
     # 4: field photos: the detector's trainer, the smear pipeline (above predict's Classifier) and its evaluation
     **dict.fromkeys(("detect_train", "smear", "smear_eval", "adapt"), 4),
     # 5: the web service
+    # 5: the web service: its answers' shapes and its guards (middleware, error handlers) below the app itself
+    **dict.fromkeys(("serve_schema", "serve_guard"), 5),
     **dict.fromkeys(("serve", "serve_adapt"), 5),
     # 6: the command line, its terminal rendering and its output formats (only the CLI imports these)
     **dict.fromkeys(("cli", "terminal", "render"), 6),

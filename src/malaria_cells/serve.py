@@ -62,10 +62,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from malaria_cells import __version__
 from malaria_cells.backends import SHIPPED_MODEL, SHIPPED_RUN
@@ -73,15 +71,45 @@ from malaria_cells.errors import EXIT_UNAVAILABLE, ConfigError, MalariaCellsErro
 from malaria_cells.predict import UNKNOWN, Classifier, ModelError, resolve_model
 from malaria_cells.preprocess import MAX_PIXELS, ImageError, decode_image, webp_size
 from malaria_cells.serve_adapt import ADAPT_PATH, AdaptJobs, adapt_router
+from malaria_cells.serve_guard import (
+    API,
+    RETRY_AFTER_S,
+    SMEAR_PATH,
+    Admission,
+    BodyGuard,
+    HostCheck,
+    SecurityHeaders,
+    ServiceHTTPError,
+    _error,
+    _on_http_error,
+    _on_package_error,
+    _on_unexpected,
+    _on_validation_error,
+    log,
+)
+from malaria_cells.serve_schema import (
+    OVERLAY_MAX_SIDE,
+    DetectorInfo,
+    ErrorInfo,
+    ErrorResponse,
+    FileFailure,
+    FileSuccess,
+    HealthResponse,
+    ModelInfo,
+    ModelSummary,
+    PredictResponse,
+    ServiceLimits,
+    SmearCellResult,
+    SmearModelSummary,
+    SmearResponse,
+    SmearSummary,
+)
 
 if TYPE_CHECKING:  # the smear modules load scipy: imported when the service starts, not with this module
     from malaria_cells.detect import Detector
     from malaria_cells.smear import FieldResult, SmearAnalyzer
 
 STATIC = Path(__file__).resolve().parent / "static"
-API = "/api/v1"
-PREDICT_PATH = f"{API}/predict"
-SMEAR_PATH = f"{API}/smear"
 DEFAULT_MAX_UPLOAD_MB = 10.0
 DEFAULT_MAX_FILES = 32
 # Decoded pixels per request, in megapixels: a cell is ~130x130 px, so 32 cells are 0.5 MP; 64 MP is one image at
@@ -99,19 +127,9 @@ DEFAULT_MODEL_BATCH = 8  # images per model call; a slot is released between bat
 # 2 workers x 1 thread both serve ~230 requests/s, but 1 worker has half the p99 latency (137 vs 258 ms).
 DEFAULT_WORKERS = 1
 MULTIPART_OVERHEAD = 64 * 1024  # bytes per file allowed for multipart headers in the request-size limit
-RETRY_AFTER_S = 2  # what a 503 tells the client to wait, in seconds
-# Longest side of a smear overlay, px: a 40 MP photo drawn at full size is a ~50 MB PNG that no page can show; field
-# photos (1280 x 960 here, up to ~2500 px from common microscope cameras) are drawn at their own size.
-OVERLAY_MAX_SIDE = 2560
 DISCLAIMER = "Research and education use only; not a medical device and not for diagnosis."
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_BINDS = ("", "0.0.0.0", "::")
-# Pages may load only what this server serves; data: and blob: for the heatmaps and the local previews.
-CSP = (
-    "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; connect-src 'self'; "
-    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
-)
-log = logging.getLogger("malaria_cells.serve")
 
 
 class ServeUnavailableError(MalariaCellsError):
@@ -281,214 +299,6 @@ class ServeConfig:
         """
         extra = () if bound_host.strip("[]") in WILDCARD_BINDS else (bound_host.strip("[]").lower(),)
         return tuple(dict.fromkeys((*LOCAL_HOSTS, *extra, *self.allowed_hosts)))
-
-
-# --------------------------------------------------------------------------------------------- response models
-
-
-class ErrorInfo(BaseModel):
-    """What went wrong, for a program (``code``) and for a person (``message``)."""
-
-    code: str = Field(
-        description="Stable machine code: no_files, not_a_file, too_many_files, file_too_large, request_too_large, "
-        "request_too_many_pixels, decode_timeout, empty_file, not_an_image, too_many_pixels, image_too_small, "
-        "unreadable_image, unusable_image, server_busy, request_timeout, invalid_host, method_not_allowed, ..."
-    )
-    message: str = Field(description="What happened, in words (names the file where there is one).")
-
-
-class ErrorResponse(BaseModel):
-    """The body of every error answer."""
-
-    error: ErrorInfo
-
-
-class FileSuccess(BaseModel):
-    """One classified image."""
-
-    filename: str = Field(description="The upload's file name (or 'file N' when it has none).")
-    ok: Literal[True] = True
-    label: str = Field(
-        description="Parasitized or Uninfected; Unknown when the image does not look like a single stained cell on "
-        "black (the flag says why)."
-    )
-    prob_parasitized: float = Field(
-        ge=0, le=1, description="P(Parasitized), as the CSV column and smear cells name it."
-    )
-    threshold: float = Field(description="Parasitized when prob_parasitized >= threshold.")
-    flag: str = Field(
-        default="",
-        description="Why the input is unlike the training cells ('not a single cell', 'background not black', "
-        "'grayscale', 'unusual colours', ...); empty when it looks like one.",
-    )
-    raw_label: str | None = Field(default=None, description="The model's label, also when label is Unknown.")
-    heatmap: str | None = Field(
-        default=None,
-        description="With heatmap=true: the evidence for the label over the model input, a PNG data URL (Grad-CAM "
-        "for a torch model, occlusion sensitivity for ONNX; see the model card's heatmap_method), else null.",
-    )
-
-
-class FileFailure(BaseModel):
-    """One image that could not be classified, with the reason."""
-
-    filename: str = Field(description="The upload's file name (or 'file N' when it has none).")
-    ok: Literal[False] = False
-    status: int = Field(description="The HTTP status this failure alone would have (413, 415, 422, 503, ...).")
-    error: ErrorInfo
-
-
-class ModelSummary(BaseModel):
-    """The model that answered."""
-
-    name: str | None = Field(description="Architecture name, e.g. custom-cnn.")
-    backend: str = Field(description="onnx or torch.")
-    threshold: float = Field(description="Parasitized when P(Parasitized) >= threshold.")
-
-
-class PredictResponse(BaseModel):
-    """One result per uploaded file, in upload order."""
-
-    results: list[Annotated[FileSuccess | FileFailure, Field(discriminator="ok")]]
-    model: ModelSummary
-    error: ErrorInfo | None = Field(
-        default=None, description="Only when some file failed: the count and the first failure (its code)."
-    )
-
-
-class SmearCellResult(BaseModel):
-    """One cell found in a field photo."""
-
-    cell: int = Field(description="Index of the cell in this photo (detections, most confident first).")
-    x: int = Field(description="Box left edge, px of the uploaded photo.")
-    y: int = Field(description="Box top edge, px.")
-    w: int = Field(description="Box width, px.")
-    h: int = Field(description="Box height, px.")
-    area: int = Field(description="Pixels of the cell's mask, in the photo.")
-    on_border: bool = Field(description="Cut by the photo's edge: listed but not counted (counted in the next field).")
-    prob_parasitized: float | None = Field(
-        ge=0, le=1, description="P(Parasitized); null for a cell that was not classified (Unknown, Other)."
-    )
-    label: str = Field(
-        description="Parasitized or Uninfected (red cells, counted unless on_border); Other (a white cell, platelet "
-        "clump or debris: not counted) or Unknown (no usable cell outline: not classified, not counted)."
-    )
-    crop: str | None = Field(
-        default=None,
-        description="Only with crops=true: the classifier's input for this cell (the cell on black, the model's "
-        "input size) as a PNG data URL; null for cells that were not classified.",
-    )
-
-
-class SmearSummary(BaseModel):
-    """The photo's counts and parasitemia."""
-
-    cells: int = Field(description="Red cells counted: Parasitized or Uninfected and not cut by the border.")
-    infected: int = Field(description="Counted cells called Parasitized.")
-    parasitemia_pct: float | None = Field(description="infected / cells in %; null when no cell was counted.")
-    ci95_pct: list[float] | None = Field(
-        description="[low, high]: exact binomial 95 % interval of the parasitemia in %; null when no cell was counted."
-    )
-    border_cells: int = Field(description="Cells cut by the photo's edge (listed, not counted).")
-    unknown_cells: int = Field(description="Cells found but not classified (no usable outline; not counted).")
-    other_objects: int = Field(description="White cells, platelet clumps, debris found by the detector (not counted).")
-    warning: str | None = Field(description="Set when the result needs a look, e.g. 0 cells found.")
-
-
-class SmearModelSummary(BaseModel):
-    """The models that answered."""
-
-    name: str | None = Field(description="Cell classifier architecture, e.g. custom-cnn.")
-    backend: str = Field(description="onnx or torch.")
-    threshold: float = Field(description="Parasitized when P(Parasitized) >= threshold.")
-    detector: str = Field(description="The detector file's name.")
-    detector_threshold: float = Field(description="Heatmap probability above which a cell centre is a detection.")
-
-
-class SmearResponse(BaseModel):
-    """Every cell found in the photo, the counts, and (on request) the photo with the cells outlined."""
-
-    filename: str = Field(description="The upload's file name (or 'photo' when it has none).")
-    width: int = Field(description="The photo's width, px (boxes are in these pixels).")
-    height: int = Field(description="The photo's height, px.")
-    cells: list[SmearCellResult]
-    summary: SmearSummary
-    model: SmearModelSummary
-    overlay: str | None = Field(
-        default=None,
-        description="Only with overlay=true: the photo with each cell's box (infected red with its probability, "
-        "uninfected green, cut by the border grey, other objects purple, unknown yellow) as a PNG (or JPEG) data "
-        f"URL, at the photo's size (photos longer than {OVERLAY_MAX_SIDE} px: scaled to {OVERLAY_MAX_SIDE} px).",
-    )
-    disclaimer: str = Field(description="Research and education use only; not for diagnosis.")
-
-
-class DetectorInfo(BaseModel):
-    """The cell detector used by /api/v1/smear."""
-
-    source: str = Field(description="The detector file's name.")
-    threshold: float = Field(description="Heatmap probability of a cell centre.")
-    scale: float = Field(description="Photo scale the detector sees (0.25: a 1280 px photo becomes 320 px).")
-    cell_px: float = Field(description="Median cell side in the detector's training photos, px.")
-    trained_on: str = Field(description="What it was trained on.")
-    metrics: dict[str, Any] = Field(description="Its held-out detection metrics (recall, precision at IoU 0.5).")
-
-
-class ServiceLimits(BaseModel):
-    """What one request may hold, and what the service admits at once."""
-
-    max_upload_mb: float = Field(description="Largest file, in MB (10**6 bytes).")
-    max_files: int = Field(description="Most files per request.")
-    max_request_mb: float = Field(description="Largest request body, in MB.")
-    max_image_megapixels: float = Field(description="Most pixels in one image, in MP.")
-    max_request_megapixels: float = Field(description="Most decoded pixels in one request, in MP.")
-    max_requests_in_flight: int = Field(description="Predictions admitted at once; more get 503 + Retry-After.")
-    max_inflight_mb: float = Field(description="Upload MB admitted at once; more get 503 + Retry-After.")
-    body_timeout_s: float = Field(description="Most seconds to send one request body; slower gets 408.")
-    decode_timeout_s: float = Field(description="Most seconds one request may spend decoding its files.")
-
-
-class ModelInfo(BaseModel):
-    """The model card: name, classes, threshold, preprocessing, provenance, and this service's limits."""
-
-    model_config = ConfigDict(extra="allow")  # every card field of the model file is passed on
-
-    model: str | None = Field(default=None, description="Architecture name.")
-    backend: str = Field(description="onnx or torch.")
-    source: str = Field(description="The model file or run folder's name (not its path on the server).")
-    class_names: list[str] = Field(description="Class names; index 1 is usually Parasitized.")
-    positive_class: str | None = Field(default=None, description="The class whose probability is reported.")
-    threshold: float = Field(description="Parasitized when P(Parasitized) >= threshold.")
-    preprocessing: dict[str, Any] = Field(description="Input size (px), mean, std, resize method.")
-    explainable: bool = Field(description="Whether heatmap=true gives Grad-CAM overlays (torch models).")
-    heatmap_method: Literal["grad-cam", "occlusion"] = Field(
-        description="What heatmap=true draws: Grad-CAM (torch models) or occlusion sensitivity (any model: the "
-        "logit's change when each patch of the cell is painted over)."
-    )
-    disclaimer: str
-    detector: DetectorInfo | None = Field(default=None, description="The cell detector of /api/v1/smear.")
-    limits: ServiceLimits
-
-
-class HealthResponse(BaseModel):
-    """Liveness, readiness and load."""
-
-    status: Literal["ok", "busy", "saturated", "loading"] = Field(
-        description="loading: model not loaded yet; saturated: the admission limit is reached (new predictions get "
-        "503); busy: work is queued (model slots all busy or waited for, or decoding threads all taken); else ok."
-    )
-    model_loaded: bool
-    version: str
-    requests_in_flight: int = Field(description="Predictions admitted and not finished.")
-    max_requests_in_flight: int
-    upload_mb_in_flight: float = Field(description="Declared upload MB of the admitted predictions.")
-    max_inflight_mb: float
-    model_slots: int = Field(description="Model calls that may run at once (--workers).")
-    model_slots_busy: int
-    model_queue: int = Field(description="Model calls waiting for a slot.")
-    decodes_in_progress: int = Field(description="Files decoding or waiting for a decoding thread.")
-    decode_threads: int
-    refused_busy: int = Field(description="Predictions refused with 503 since the start.")
 
 
 # --------------------------------------------------------------------------------------------- service state
@@ -667,294 +477,6 @@ def _state(request: Request) -> ServiceState:
 
 
 State = Annotated[ServiceState, Depends(_state)]
-
-
-# --------------------------------------------------------------------------------------------- ASGI middleware
-
-
-def _error(
-    status: int, code: str, message: str, *, headers: dict[str, str] | None = None, **extra: Any
-) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}, **extra}, status_code=status, headers=headers)
-
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope.get("headers") or ():
-        if key == name:
-            return value
-    return None
-
-
-def _content_length(scope: Scope) -> int | None:
-    value = _header(scope, b"content-length")
-    return int(value) if value is not None and value.isdigit() else None
-
-
-class SecurityHeaders:
-    """ASGI middleware: the page's Content-Security-Policy and no-sniff/no-referrer headers on every answer."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.extra = [
-            (b"content-security-policy", CSP.encode()),
-            (b"x-content-type-options", b"nosniff"),
-            (b"referrer-policy", b"no-referrer"),
-        ]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(msg: Message) -> None:
-            if msg["type"] == "http.response.start":
-                present = {k.lower() for k, _ in msg.get("headers", ())}
-                msg["headers"] = [*msg.get("headers", ()), *(h for h in self.extra if h[0] not in present)]
-            await send(msg)
-
-        await self.app(scope, receive, send_with_headers)
-
-
-def host_allowed(host_header: str, allowed: Sequence[str]) -> bool:
-    """Whether a Host header names one of the served hosts (port ignored; ``*`` and ``*.domain`` patterns).
-
-    Args:
-        host_header: the Host header, e.g. ``127.0.0.1:8000`` or ``[::1]:8000``.
-        allowed: served names, lower case.
-
-    Returns:
-        True when served.
-    """
-    h = host_header.strip().lower()
-    if h.startswith("["):  # IPv6 literal, maybe with a port
-        h = h[1 : h.find("]")] if "]" in h else h[1:]
-    elif h.count(":") == 1:
-        h = h.rsplit(":", 1)[0]
-    h = h.rstrip(".")
-    for pattern in allowed:
-        if pattern == "*" or h == pattern or (pattern.startswith("*.") and h.endswith(pattern[1:])):
-            return True
-    return False
-
-
-class HostCheck:
-    """ASGI middleware: answer 400 ``invalid_host`` unless the Host header names a served host.
-
-    A web page on another site can make the browser send requests to 127.0.0.1 under the attacker's host name
-    (DNS rebinding); checking the name keeps such pages out.
-    """
-
-    def __init__(self, app: ASGIApp, *, allowed: Sequence[str]) -> None:
-        self.app = app
-        self.allowed = tuple(allowed)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":  # no WebSocket routes: the router refuses those
-            await self.app(scope, receive, send)
-            return
-        host = (_header(scope, b"host") or b"").decode("latin-1")
-        if host_allowed(host, self.allowed):
-            await self.app(scope, receive, send)
-            return
-        name = host or "(none)"
-        message = (
-            f"Host header {name!r} is not served here (protection against DNS rebinding); serves "
-            f"{', '.join(self.allowed)}. Start the server with --allowed-host NAME to serve another name"
-        )
-        await _error(400, "invalid_host", message, headers={"Connection": "close"})(scope, receive, send)
-
-
-class ServiceHTTPError(HTTPException):
-    """An HTTP error with our machine code. An HTTPException, so FastAPI's body parsing passes it on when the
-    request's ``receive`` raises it (it turns other errors into a 400)."""
-
-    def __init__(self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None) -> None:
-        super().__init__(status_code=status, detail=message, headers=headers)
-        self.code = code
-
-
-class BodyGuard:
-    """ASGI middleware: refuse request bodies over ``max_bytes`` (413) or slower than ``timeout_s`` (408).
-
-    Checks Content-Length up front and counts streamed bytes too (a chunked upload has no length). The time runs
-    from the moment the headers are in until the last body byte.
-
-    Args:
-        app: the wrapped application.
-        max_bytes: largest body.
-        timeout_s: most seconds to receive a body.
-        path_limits: a lower limit for some paths, with the advice its 413 message gives (one photo per request).
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        max_bytes: int,
-        timeout_s: float,
-        path_limits: dict[str, tuple[int, str]] | None = None,
-    ) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
-        self.path_limits = dict(path_limits or {})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        max_bytes, advice = self.path_limits.get(
-            scope["path"], (self.max_bytes, "max files x max upload size; send fewer or smaller files")
-        )
-        too_large = f"request body larger than {max_bytes / 1e6:.1f} MB ({advice})"
-        length = _content_length(scope)
-        if length is not None and length > max_bytes:
-            await _error(413, "request_too_large", too_large, headers={"Connection": "close"})(scope, receive, send)
-            return
-        deadline = asyncio.get_running_loop().time() + self.timeout_s
-        seen = 0
-        body_done = False
-        started = False
-
-        async def guarded_receive() -> Message:
-            nonlocal seen, body_done
-            if body_done:  # after the body only http.disconnect can come: no deadline on that wait
-                return await receive()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    msg = await receive()
-            except TimeoutError:
-                raise ServiceHTTPError(
-                    408,
-                    "request_timeout",
-                    f"the request body was not received within {self.timeout_s:g} s; send it faster or in smaller "
-                    "requests",
-                    headers={"Connection": "close"},  # the rest of the body is not wanted
-                ) from None
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > max_bytes:
-                    raise ServiceHTTPError(413, "request_too_large", too_large, headers={"Connection": "close"})
-                body_done = not msg.get("more_body", False)
-            return msg
-
-        async def tracking_send(msg: Message) -> None:
-            nonlocal started
-            started = started or msg["type"] == "http.response.start"
-            await send(msg)
-
-        try:
-            await self.app(scope, guarded_receive, tracking_send)
-        except ServiceHTTPError as e:  # raised where no exception handler caught it
-            if not started:
-                await _error(e.status_code, e.code, str(e.detail), headers=e.headers)(scope, receive, send)
-
-
-class Admission:
-    """ASGI middleware: admit predictions and field photos while the count and upload-byte budgets allow, else 503
-    + Retry-After.
-
-    Runs before the body is read, so a refused upload costs nothing. A request without Content-Length is counted
-    at the largest request size of its route.
-    """
-
-    def __init__(self, app: ASGIApp, *, state: ServiceState) -> None:
-        self.app = app
-        self.state = state
-        cfg = state.config
-        self.largest = {PREDICT_PATH: cfg.max_request_bytes, SMEAR_PATH: cfg.max_photo_request_bytes}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        largest = self.largest.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if largest is None:
-            await self.app(scope, receive, send)
-            return
-        cfg = self.state.config
-        length = _content_length(scope)
-        nbytes = largest if length is None else min(length, largest)
-        if not self.state.try_admit(nbytes):
-            message = (
-                f"server busy: {self.state.requests_in_flight} request(s), "
-                f"{self.state.bytes_in_flight / 1e6:.1f} MB of uploads in progress (limits {cfg.max_requests} and "
-                f"{cfg.max_inflight_bytes / 1e6:.1f} MB); retry in {RETRY_AFTER_S} s"
-            )
-            headers = {"Retry-After": str(RETRY_AFTER_S), "Connection": "close"}
-            await _error(503, "server_busy", message, headers=headers)(scope, receive, send)
-            return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.state.release(nbytes)
-
-
-# --------------------------------------------------------------------------------------------- exception handlers
-
-
-async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    if request.url.path == SMEAR_PATH:
-        errors = [e for e in exc.errors() if tuple(e.get("loc") or ())[:2] == ("body", "file")]
-        if any(e.get("type") == "missing" for e in errors):
-            return _error(
-                400, "no_files", "no photo in the request: send multipart/form-data with one part named 'file'"
-            )
-        if errors:
-            return _error(
-                400,
-                "not_a_file",
-                "the part named 'file' is a plain form field, not a file (its Content-Disposition has no filename); "
-                'send the photo as a file part: Content-Disposition: form-data; name="file"; filename="field.jpg"',
-            )
-    locs = [tuple(e.get("loc") or ()) for e in exc.errors()]
-    if any(loc[-1:] == ("files",) for loc in locs):
-        return _error(
-            400,
-            "no_files",
-            "no image files in the request: send multipart/form-data with one or more parts named 'files'",
-        )
-    plain = [loc[2] for loc in locs if len(loc) == 3 and loc[:2] == ("body", "files") and isinstance(loc[2], int)]
-    if plain:
-        return _error(
-            400,
-            "not_a_file",
-            f"part {plain[0] + 1} named 'files' is a plain form field, not a file (its Content-Disposition has no "
-            'filename); send each image as a file part: Content-Disposition: form-data; name="files"; '
-            'filename="cell.png"',
-        )
-    return _error(422, "invalid_request", "; ".join(_describe(e) for e in exc.errors()) or "invalid request")
-
-
-HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "request_timeout",
-    413: "request_too_large",
-    503: "server_busy",
-}
-
-
-async def _on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    code = getattr(exc, "code", None) or HTTP_CODES.get(exc.status_code, "error")
-    message = str(exc.detail)
-    allow = (exc.headers or {}).get("Allow")
-    if exc.status_code == 405 and allow:
-        message = f"{request.method} is not allowed on {request.url.path}; allowed: {allow}"
-    return _error(exc.status_code, code, message, headers=exc.headers)  # 405 keeps its Allow header
-
-
-async def _on_package_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, MalariaCellsError)
-    return _error(exc.status, exc.code, exc.message)
-
-
-async def _on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error")
-    return _error(500, "internal_error", f"unexpected server error ({type(exc).__name__}); see the server log")
-
-
-def _describe(err: dict) -> str:
-    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-    return f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid"))
 
 
 # --------------------------------------------------------------------------------------------- classification
