@@ -14,6 +14,7 @@ Writes benchmarks/results/arch_speed.json.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -53,7 +54,7 @@ def cells(n: int, size: int) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: all usable cores")
     ap.add_argument("--size", type=int, default=48)
     ap.add_argument(
         "--variants",
