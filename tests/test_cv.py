@@ -204,3 +204,16 @@ def test_tta_prediction_uses_the_models_tta_threshold(tmp_path: Path) -> None:
     no_tta = type("NoTta", (Asymmetric,), {"meta": {"threshold": 0.5, "class_names": ["U", "P"]}})
     with pytest.raises(ModelError, match="no TTA threshold"):
         Classifier(no_tta(), source="test", tta=True)
+
+
+def test_skip_cv_needs_a_final_fit(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from malaria_cells.cli import app
+
+    res = CliRunner().invoke(app, ["reproduce", "--cv", "5", "--out", str(tmp_path), "--skip-cv"])
+    assert res.exit_code == 2 and "--skip-cv goes with --final-fit" in res.output
+    res = CliRunner().invoke(
+        app, ["reproduce", "--cv", "5", "--out", str(tmp_path), "--skip-cv", "--final-fit", str(tmp_path / "f")]
+    )
+    assert res.exit_code == 2 and "no cross-validation results" in res.output

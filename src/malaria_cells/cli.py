@@ -469,6 +469,12 @@ def reproduce_cmd(
         typer.Option(help="--cv: then train the best row on every patient into this run folder (final fit)."),
     ] = None,
     final_row: Annotated[str | None, typer.Option(help="--final-fit: the row to fit (default: the CV's best).")] = None,
+    skip_cv: Annotated[
+        bool,
+        typer.Option(
+            help="--final-fit: fit from the cross-validation already in --out (its cv.json), training nothing else."
+        ),
+    ] = False,
 ) -> None:
     """Train and compare the published project's models on one patient-level split; writes results.md.
 
@@ -490,6 +496,12 @@ def reproduce_cmd(
         except ValueError:
             _fail(f"--seeds takes comma-separated integers, not {seeds!r}")
         out_dir = out or Path("runs") / f"cv{cv}"
+        if skip_cv:
+            if final_fit is None:
+                _fail("--skip-cv goes with --final-fit RUN")
+            CV.final_fit(cv_dir=out_dir, data_dir=_data(data), run_dir=final_fit, row_key=final_row)
+            console.print(f"final fit (every patient; figures from the CV in {out_dir}): {final_fit}")
+            return
         command = (
             f"malaria-cells reproduce --cv {cv} --data {_data(data)} --out {out_dir}"
             + (f" --rows {','.join(keys)}" if rows else "")

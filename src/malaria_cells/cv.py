@@ -34,7 +34,7 @@ from malaria_cells import metrics as M
 from malaria_cells import plots
 from malaria_cells.config import TrainConfig
 from malaria_cells.ensemble import average, run_probabilities
-from malaria_cells.errors import ConfigError
+from malaria_cells.errors import ConfigError, RunError
 from malaria_cells.io import atomic_write_json, atomic_write_text
 from malaria_cells.reproduce import METRICS, train_or_reuse
 from malaria_cells.run import Run
@@ -614,11 +614,14 @@ def read_results(out_dir: Path) -> dict:
     """The ``cv.json`` of a finished cross-validation.
 
     Raises:
-        FileNotFoundError: no ``cv.json`` in ``out_dir``.
+        RunError: no ``cv.json`` in ``out_dir`` (code ``cv_results_missing``).
     """
     path = Path(out_dir) / "cv.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no cross-validation results; run `malaria-cells reproduce --cv 5` first")
+        raise RunError(
+            f"{path}: no cross-validation results; run `malaria-cells reproduce --cv 5` first",
+            code="cv_results_missing",
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 
