@@ -1,4 +1,4 @@
-"""Boxes around cells in field photos: reading annotations (the IML share's JSON and COCO), IoU, and matching.
+"""Boxes around cells in field photos: reading annotations (IML-Malaria's JSON and COCO), IoU, and matching.
 
 A box is ``(x, y, w, h)`` in pixels of the original photo, ``x, y`` its top-left corner. NumPy and SciPy only.
 """
@@ -54,7 +54,7 @@ def _label(kind: str) -> int:
 
 
 def load_annotations(path: str | Path) -> dict[str, FieldBoxes]:
-    """Read box annotations: the IML share's JSON list or a COCO JSON object.
+    """Read box annotations: IML-Malaria's JSON list or a COCO JSON object.
 
     IML: ``[{"image_name": ..., "objects": [{"type": ..., "bbox": {"x", "y", "w", "h"}}]}]`` (numbers may be
     strings). COCO: ``{"images": [{"id", "file_name"}], "annotations": [{"image_id", "bbox": [x, y, w, h],

@@ -880,7 +880,7 @@ def smear_cmd(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("smear-out"),
     boxes: Annotated[
         Path | None,
-        typer.Option(help="Classify these boxes instead of detecting: the IML share's JSON or COCO JSON."),
+        typer.Option(help="Classify these boxes instead of detecting: IML-Malaria's JSON or COCO JSON."),
     ] = None,
     threshold: ThresholdOpt = None,
     operating_point: OperatingPointOpt = None,
@@ -945,7 +945,7 @@ def smear_cmd(
 @app.command("smear-eval")
 def smear_eval_cmd(
     photos: Annotated[Path, typer.Argument(help="Folder of annotated field photos.")],
-    annotations: Annotated[Path, typer.Option(help="Their boxes: the IML share's JSON or COCO JSON.")],
+    annotations: Annotated[Path, typer.Option(help="Their boxes: IML-Malaria's JSON or COCO JSON.")],
     model: ModelOpt = None,
     detector: Annotated[Path | None, typer.Option(help="Detector ONNX file (default: the shipped one).")] = None,
     out: Annotated[Path, typer.Option(help="Output folder (metrics.json, report.md, errors/).")] = Path("smear-eval"),
@@ -988,7 +988,7 @@ def adapt_cmd(
         ),
     ] = None,
     annotations: Annotated[
-        Path | None, typer.Option(help="Boxes of the photos: the IML share's JSON or COCO JSON.")
+        Path | None, typer.Option(help="Boxes of the photos: IML-Malaria's JSON or COCO JSON.")
     ] = None,
     epochs: Annotated[
         int, typer.Option(min=1, help="Fine-tuning epochs (the best on the lab's validation photos).")
@@ -1068,7 +1068,7 @@ def operating_points_cmd(
 @detector_app.command("train")
 def detector_train_cmd(
     photos: Annotated[Path, typer.Argument(help="Folder of field photos.")],
-    annotations: Annotated[Path, typer.Option(help="Their boxes: the IML share's JSON or COCO JSON.")],
+    annotations: Annotated[Path, typer.Option(help="Their boxes: IML-Malaria's JSON or COCO JSON.")],
     out: Annotated[Path, typer.Option(help="Output folder (detector.onnx, metrics.json, history.jsonl).")],
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 30,
     width: Annotated[int, typer.Option(min=8, max=256, help="Channels of the network's body.")] = 32,
