@@ -453,7 +453,7 @@ def cross_validate(
     results_rows: list[dict] = []
     out: dict = {}
     per_fold: dict[str, list[dict]] = {r.key: [] for r in rows}
-    fold_info: dict[str, list[dict]] = {r.key: [] for r in rows}
+    fold_info: dict[str, list[FoldPredictions]] = {r.key: [] for r in rows}
     n_runs = len(seeds) * folds * sum(1 for r in rows if r.trained)
     done = 0
     # Row by row (rows come in dependency order), so an interrupted CV leaves whole rows finished.
@@ -495,7 +495,7 @@ def cross_validate(
                         **{k: m[k] for k in METRICS},
                     }
                 )
-                fold_info[row.key].append(fp)  # type: ignore[arg-type]
+                fold_info[row.key].append(fp)
         for seed in seeds:
             oof = pool([fp for fp in fold_info[row.key] if fp.seed == seed])
             oofs[(row.key, seed)] = oof
