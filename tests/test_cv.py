@@ -171,12 +171,15 @@ def test_confident_joint_by_hand() -> None:
 
 
 def test_dihedral_views_are_the_eight_symmetries() -> None:
+    from malaria_cells.augment import dihedral_view
     from malaria_cells.predict import dihedral_views
 
     x = np.arange(2 * 3 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3, 3)
     v = dihedral_views(x)
     assert v.shape == (16, 3, 3, 3)
-    assert (v[:2] == x).all() and (v[2:4] == np.rot90(x, 1, axes=(1, 2))).all() and (v[8:10] == x[:, :, ::-1]).all()
+    # The project's one numbering of the views (augment.DIHEDRAL): view 1 is a quarter turn then a mirror.
+    assert (v[:2] == x).all() and (v[2:4] == np.rot90(x, 1, axes=(1, 2))[:, :, ::-1]).all()
+    assert all((v[2 * k : 2 * k + 2] == dihedral_view(x, k)).all() for k in range(8))
     assert len({v[i].tobytes() for i in range(0, 16, 2)}) == 8  # all 8 views differ for an asymmetric image
 
 

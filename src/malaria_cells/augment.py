@@ -13,55 +13,16 @@ import math
 import numpy as np
 import torch
 
+# The one numbering of the dihedral views lives in the torch-free preprocess module (the inference path needs it);
+# training and the feature stores use it from here.
+from malaria_cells.preprocess import DIHEDRAL, MAX_VIEWS, check_view, dihedral_view  # noqa: F401
+
 # Hue rotation about the grey axis (the SVG/CSS hueRotate matrix): keeps luminance, shifts stain colour a little.
 _HUE_A = torch.tensor([[0.213, 0.715, 0.072], [0.213, 0.715, 0.072], [0.213, 0.715, 0.072]])
 _HUE_B = torch.tensor([[0.787, -0.715, -0.072], [-0.213, 0.285, -0.072], [-0.213, -0.715, 0.928]])
 _HUE_C = torch.tensor([[-0.213, -0.715, 0.928], [0.143, 0.140, -0.283], [-0.787, 0.715, 0.072]])
 
-# The eight dihedral transforms as (quarter turns, horizontal flip): view k rotates by DIHEDRAL[k][0] quarter turns
-# (from the height axis towards the width axis, as torch.rot90 and np.rot90 turn), then mirrors left-right where
-# DIHEDRAL[k][1]. This is the one numbering of the views: the feature stores (:mod:`malaria_cells.transfer`) and
-# test-time augmentation (:mod:`malaria_cells.ensemble`) both use it. Ordered so that any prefix is spread over the
-# group: with 2 views the second is a transposition, with 4 the rotations by 0/180 and both diagonals.
-DIHEDRAL: tuple[tuple[int, bool], ...] = (
-    (0, False),
-    (1, True),
-    (2, False),
-    (3, True),
-    (1, False),
-    (0, True),
-    (3, False),
-    (2, True),
-)
-MAX_VIEWS = len(DIHEDRAL)
 VIEW_JITTER_SEED = 20180306  # fixed (not the run's seed) so runs with different seeds share a feature cache
-
-
-def _check_view(number: int) -> tuple[int, bool]:
-    if not 0 <= number < MAX_VIEWS:
-        raise ValueError(f"view must be 0-{MAX_VIEWS - 1}, not {number}")
-    return DIHEDRAL[number]
-
-
-def dihedral_view(images: np.ndarray, number: int) -> np.ndarray:
-    """Numbered dihedral view ``number`` of a NumPy batch of square images, without colour jitter.
-
-    The same transform as :func:`view` applies to a torch batch (``DIHEDRAL[number]``); test-time augmentation
-    averages over these.
-
-    Args:
-        images: (N, S, S, C) array.
-        number: 0 (the image itself) to ``MAX_VIEWS - 1``.
-
-    Returns:
-        The transformed batch (a view of ``images`` where NumPy can, else a copy).
-
-    Raises:
-        ValueError: ``number`` out of range.
-    """
-    turns, mirror = _check_view(number)
-    out = np.rot90(images, k=turns, axes=(1, 2))
-    return out[:, :, ::-1] if mirror else out
 
 
 def dihedral(x: torch.Tensor, k: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -174,7 +135,7 @@ def view(batch_u8: torch.Tensor, number: int, jitter: np.ndarray | None) -> torc
     Raises:
         ValueError: ``number`` out of range.
     """
-    turns, mirror = _check_view(number)
+    turns, mirror = check_view(number)
     if number == 0:
         return batch_u8
     n = batch_u8.shape[0]

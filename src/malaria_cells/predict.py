@@ -38,11 +38,13 @@ from malaria_cells.errors import ModelError
 from malaria_cells.inputs import UnreadableInput
 from malaria_cells.preprocess import (
     MAX_PIXELS,
+    MAX_VIEWS,
     ImageError,
     Preprocessing,
     _check_pixels,
     _check_side,
     decode_image,
+    dihedral_view,
     letterbox,
     load_image,
     to_rgb,
@@ -370,7 +372,7 @@ class Classifier:
             return np.zeros(0, dtype=np.float32)
         if self.tta:
             views = dihedral_views(batch_u8)
-            return self._backend(views).reshape(8, len(batch_u8)).mean(axis=0).astype(np.float32)
+            return self._backend(views).reshape(MAX_VIEWS, len(batch_u8)).mean(axis=0).astype(np.float32)
         return self._backend(batch_u8)
 
     def predict(
@@ -512,11 +514,10 @@ def dihedral_views(batch: np.ndarray) -> np.ndarray:
         batch: square images.
 
     Returns:
-        Views 0-3: rotations by 0/90/180/270 degrees; 4-7: the same of the left-right mirror.
+        View ``k`` of every image at rows ``k*N .. (k+1)*N``, numbered as :data:`malaria_cells.preprocess.DIHEDRAL`
+        (the numbering of training's feature stores and of evaluation's test-time augmentation).
     """
-    mirrored = batch[:, :, ::-1]
-    views = [np.rot90(b, k, axes=(1, 2)) for b in (batch, mirrored) for k in range(4)]
-    return np.ascontiguousarray(np.concatenate(views))
+    return np.ascontiguousarray(np.concatenate([dihedral_view(batch, v) for v in range(MAX_VIEWS)]))
 
 
 def _chunked(

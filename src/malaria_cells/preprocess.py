@@ -70,6 +70,53 @@ class Preprocessing:
         )
 
 
+# The eight dihedral transforms as (quarter turns, horizontal flip): view k rotates by DIHEDRAL[k][0] quarter turns
+# (from the height axis towards the width axis, as torch.rot90 and np.rot90 turn), then mirrors left-right where
+# DIHEDRAL[k][1]. This is the one numbering of the views: the feature stores (:mod:`malaria_cells.transfer`) and
+# test-time augmentation (:mod:`malaria_cells.ensemble`, ``predict --tta``) all use it. Here, in a torch-free module,
+# so the inference path shares it. Ordered so that any prefix is spread over the
+# group: with 2 views the second is a transposition, with 4 the rotations by 0/180 and both diagonals.
+DIHEDRAL: tuple[tuple[int, bool], ...] = (
+    (0, False),
+    (1, True),
+    (2, False),
+    (3, True),
+    (1, False),
+    (0, True),
+    (3, False),
+    (2, True),
+)
+MAX_VIEWS = len(DIHEDRAL)
+
+
+def check_view(number: int) -> tuple[int, bool]:
+    """``DIHEDRAL[number]``, or a ValueError naming the valid range."""
+    if not 0 <= number < MAX_VIEWS:
+        raise ValueError(f"view must be 0-{MAX_VIEWS - 1}, not {number}")
+    return DIHEDRAL[number]
+
+
+def dihedral_view(images: np.ndarray, number: int) -> np.ndarray:
+    """Numbered dihedral view ``number`` of a NumPy batch of square images, without colour jitter.
+
+    The same transform as :func:`malaria_cells.augment.view` applies to a torch batch (``DIHEDRAL[number]``);
+    test-time augmentation averages over these.
+
+    Args:
+        images: (N, S, S, C) array.
+        number: 0 (the image itself) to ``MAX_VIEWS - 1``.
+
+    Returns:
+        The transformed batch (a view of ``images`` where NumPy can, else a copy).
+
+    Raises:
+        ValueError: ``number`` out of range.
+    """
+    turns, mirror = check_view(number)
+    out = np.rot90(images, k=turns, axes=(1, 2))
+    return out[:, :, ::-1] if mirror else out
+
+
 def decode_image(data: bytes, *, name: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode image bytes to 8-bit RGB, with a clear error for anything unusable.
 

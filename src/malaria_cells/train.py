@@ -297,8 +297,8 @@ def teacher_probabilities(runs: list[Path], data: Prepared, idx: np.ndarray, *, 
     Returns:
         float64 (len(idx),).
     """
-    from malaria_cells.augment import MAX_VIEWS, dihedral_view
     from malaria_cells.backends import TorchBackend, probabilities
+    from malaria_cells.preprocess import MAX_VIEWS, dihedral_view
 
     images = [data.images[i] for i in idx]
     total = np.zeros(len(idx))
