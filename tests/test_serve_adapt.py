@@ -113,4 +113,7 @@ def test_the_shipped_run_is_the_shipped_models_weights(share: Path, monkeypatch:
     torch_probs = TorchBackend(SHIPPED_RUN, precision="fp32")(cells)
     assert np.abs(fp32(cells) - torch_probs).max() < 1e-4
     monkeypatch.delenv("MALARIA_CELLS_MODEL", raising=False)
-    assert create_app().state.adapt_jobs.base == SHIPPED_RUN
+    with TestClient(create_app(), base_url=LOCAL) as client:
+        jobs = client.app.state.adapt_jobs
+        assert jobs.base == SHIPPED_RUN
+        assert jobs._work_dir is None  # no job, no folder

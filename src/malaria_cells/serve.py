@@ -1000,6 +1000,8 @@ def api_router(cfg: ServeConfig) -> APIRouter:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = service_state(app)
     await state.start()
+    # Known once the model is loaded: its source is then the resolved path (argument, $MALARIA_CELLS_MODEL or shipped).
+    app.state.adapt_jobs = AdaptJobs(base=_adapt_base(state.classifier, state.config))
     try:
         yield
     finally:
@@ -1007,16 +1009,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.adapt_jobs.close()
 
 
-def _adapt_base(model: str | Path | None, classifier: Classifier | None, cfg: ServeConfig) -> Path | None:
-    """The run folder adapt jobs start from: the configured one, else the served model when it is a run folder."""
+def _adapt_base(classifier: Classifier, cfg: ServeConfig) -> Path | None:
+    """The run folder adapt jobs start from: the configured one, else the served model when it is a run folder, else
+    the shipped run when the served model is the shipped ONNX file (exported from it); None: nothing to fine-tune."""
     if cfg.adapt_base:
         return Path(cfg.adapt_base)
-    source = Path(classifier.source) if classifier is not None else (Path(model) if model is not None else None)
-    if source is not None and source.is_dir():
+    source = Path(classifier.source)
+    if source.is_dir():
         return source
-    # The shipped ONNX model is adapted from the run it was exported from (shipped beside it).
-    shipped = source is None and not os.environ.get("MALARIA_CELLS_MODEL")
-    if (shipped or (source is not None and source.resolve() == SHIPPED_MODEL.resolve())) and SHIPPED_RUN.is_dir():
+    if source.resolve() == SHIPPED_MODEL.resolve() and SHIPPED_RUN.is_dir():
         return SHIPPED_RUN
     return None
 
@@ -1067,7 +1068,6 @@ def create_app(
         redoc_url=None,
     )
     app.state.service = state
-    app.state.adapt_jobs = AdaptJobs(base=_adapt_base(model, classifier, cfg))
     app.include_router(api_router(cfg))
     app.include_router(adapt_router())
     app.add_api_route("/", index, methods=["GET"], include_in_schema=False)

@@ -195,14 +195,21 @@ class AdaptJobs:
     def __init__(self, *, base: Path | None, work_dir: Path | None = None) -> None:
         """Args:
         base: the run folder to adapt (None: adapting is unavailable, and says why).
-        work_dir: where jobs live (default: a temporary folder removed by :meth:`close`).
+        work_dir: where jobs live (default: a temporary folder, made by the first job, removed by :meth:`close`).
         """
         self.base = base
+        self._work_dir = Path(work_dir) if work_dir is not None else None
         self._own = work_dir is None
-        self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="malaria-adapt-"))
         self.jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+
+    @property
+    def work_dir(self) -> Path:
+        """The jobs' folder, made on first use (a service that never adapts makes none)."""
+        if self._work_dir is None:
+            self._work_dir = Path(tempfile.mkdtemp(prefix="malaria-adapt-"))
+        return self._work_dir
 
     def submit(self, data: bytes, *, epochs: int) -> _Job:
         """Unpack an upload and start adapting it in the background.
@@ -273,8 +280,8 @@ class AdaptJobs:
 
     def close(self) -> None:
         """Remove the work folder when this object made it (a running job's thread is a daemon)."""
-        if self._own:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
+        if self._own and self._work_dir is not None:
+            shutil.rmtree(self._work_dir, ignore_errors=True)
 
 
 def _jobs(request: Request) -> AdaptJobs:
