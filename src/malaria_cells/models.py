@@ -28,6 +28,13 @@ def conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
+# Stage layouts of the custom CNN, (channels, convolutions) per stage. "slim" drops the second convolution of the
+# 24 px and 12 px stages at 48 px input (the costliest per cell after the stem): about 17 M instead of 28 M
+# multiply-adds per 48 px cell (`python benchmarks/arch_speed.py` measures what that buys under ONNX Runtime int8).
+CNN_STAGES = ((16, 1), (32, 2), (64, 2), (128, 2), (256, 1))
+SLIM_STAGES = ((16, 1), (32, 1), (64, 1), (128, 2), (256, 1))
+
+
 class CustomCNN(nn.Module):
     """A compact CNN from scratch: five stages of 3x3 conv + batch norm + ReLU, each but the last followed by
     2x2 max-pooling; global average pooling, dropout and one linear layer.
@@ -42,7 +49,7 @@ class CustomCNN(nn.Module):
 
     def __init__(
         self,
-        stages: tuple[tuple[int, int], ...] = ((16, 1), (32, 2), (64, 2), (128, 2), (256, 1)),
+        stages: tuple[tuple[int, int], ...] = CNN_STAGES,
         dropout: float = 0.3,
     ) -> None:
         super().__init__()
@@ -138,12 +145,6 @@ class ModelSpec:
             return self.build
         return functools.partial(TimmBinary, self.timm_arch)
 
-
-# Stage layouts of the custom CNN, (channels, convolutions) per stage. "slim" drops the second convolution of the
-# 24 px and 12 px stages at 48 px input (the costliest per cell after the stem): about 17 M instead of 28 M
-# multiply-adds per 48 px cell (`python benchmarks/arch_speed.py` measures what that buys under ONNX Runtime int8).
-CNN_STAGES = ((16, 1), (32, 2), (64, 2), (128, 2), (256, 1))
-SLIM_STAGES = ((16, 1), (32, 1), (64, 1), (128, 2), (256, 1))
 
 # A frozen ImageNet backbone's pooled features need a non-linear head here: on the validation patients of the full
 # share (Lite0, 128 px, cached features; `python benchmarks/frozen_head.py`), the linear head reached accuracy

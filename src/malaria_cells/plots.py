@@ -244,12 +244,7 @@ def plot_reliability(
         ax.legend(loc="upper left")
         # Log scale because confident models put most cells in the two extreme bins.
         ax_hist.bar(centers, counts, width=width * 0.9, color=_REFERENCE_COLOR)
-        if counts.any():
-            ax_hist.set_yscale("log")
-            ax_hist.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-            ax_hist.yaxis.set_minor_formatter(NullFormatter())
-        ax_hist.set_xlabel("Predicted probability of Parasitized")
-        ax_hist.set_ylabel("Cells")
+        _cell_count_axis(ax_hist, log=bool(counts.any()))
     return Path(path)
 
 
@@ -306,13 +301,18 @@ def plot_reliability_comparison(
         ax.set_ylabel("Observed fraction Parasitized")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
-        if any_counts:
-            ax_hist.set_yscale("log")
-            ax_hist.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-            ax_hist.yaxis.set_minor_formatter(NullFormatter())
-        ax_hist.set_xlabel("Predicted probability of Parasitized")
-        ax_hist.set_ylabel("Cells")
+        _cell_count_axis(ax_hist, log=any_counts)
     return Path(path)
+
+
+def _cell_count_axis(ax_hist: Any, *, log: bool) -> None:
+    """Label a reliability diagram's histogram of cells per bin; log-scaled (plain numbers) when it has cells."""
+    if log:
+        ax_hist.set_yscale("log")
+        ax_hist.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        ax_hist.yaxis.set_minor_formatter(NullFormatter())
+    ax_hist.set_xlabel("Predicted probability of Parasitized")
+    ax_hist.set_ylabel("Cells")
 
 
 def _finite(value: Any) -> bool:
