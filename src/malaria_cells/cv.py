@@ -33,7 +33,7 @@ import numpy as np
 from malaria_cells import metrics as M
 from malaria_cells import plots
 from malaria_cells.config import TrainConfig
-from malaria_cells.ensemble import average, run_probabilities
+from malaria_cells.ensemble import Probabilities, average, run_probabilities
 from malaria_cells.errors import ConfigError, RunError
 from malaria_cells.io import atomic_write_json, atomic_write_text
 from malaria_cells.reproduce import METRICS, train_or_reuse
@@ -249,7 +249,15 @@ def _predictions_path(out_dir: Path, row: CvRow, seed: int, fold: int) -> Path:
 
 
 def fold_predictions(
-    *, run_dirs: list[Path], tta: bool, data_dir: Path, path: Path, fold: int, seed: int, threshold_method: str
+    *,
+    run_dirs: list[Path],
+    tta: bool,
+    data_dir: Path,
+    path: Path,
+    fold: int,
+    seed: int,
+    threshold_method: str,
+    memo: dict[tuple[str, str, bool], Probabilities] | None = None,
 ) -> FoldPredictions:
     """Score finished fold runs (their mean) on their val and test patients, reusing a saved result.
 
@@ -261,6 +269,8 @@ def fold_predictions(
         fold: the test fold.
         seed: the training seed.
         threshold_method: how the fold's threshold is chosen on its validation patients.
+        memo: one run's probabilities per (run, split, TTA), kept across rows: an ensemble row then reuses its
+            members' (the TTA rows have just scored them) instead of scoring them again.
 
     Returns:
         The fold's test predictions and val-chosen threshold.
@@ -280,8 +290,16 @@ def fold_predictions(
             best_epoch=d.get("best_epoch"),
             train_time_s=d.get("train_time_s"),
         )
-    val = average([run_probabilities(run_dir=r, data_dir=data_dir, split="val", tta=tta) for r in run_dirs])
-    test = average([run_probabilities(run_dir=r, data_dir=data_dir, split="test", tta=tta) for r in run_dirs])
+    memo = {} if memo is None else memo
+
+    def scored(run_dir: Path, split: str) -> Probabilities:
+        key = (str(run_dir), split, tta)
+        if key not in memo:
+            memo[key] = run_probabilities(run_dir=run_dir, data_dir=data_dir, split=split, tta=tta)
+        return memo[key]
+
+    val = average([scored(r, "val") for r in run_dirs])
+    test = average([scored(r, "test") for r in run_dirs])
     threshold = float(M.choose_threshold(val.y, val.prob, method=threshold_method))
     fp = FoldPredictions(
         fold=fold,
@@ -452,6 +470,7 @@ def cross_validate(
     oofs: dict[tuple[str, int], Oof] = {}
     results_rows: list[dict] = []
     out: dict = {}
+    memo: dict[tuple[str, str, bool], Probabilities] = {}  # scored runs, shared by the rows of this invocation
     per_fold: dict[str, list[dict]] = {r.key: [] for r in rows}
     fold_info: dict[str, list[FoldPredictions]] = {r.key: [] for r in rows}
     n_runs = len(seeds) * folds * sum(1 for r in rows if r.trained)
@@ -481,6 +500,7 @@ def cross_validate(
                     fold=fold,
                     seed=seed,
                     threshold_method=Run.open(run_dirs[0]).config().threshold_method,
+                    memo=memo,
                 )
                 m = M.binary_metrics(fp.y, fp.prob, fp.threshold)
                 per_fold[row.key].append(
