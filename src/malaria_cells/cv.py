@@ -35,6 +35,7 @@ from malaria_cells import plots
 from malaria_cells.config import TrainConfig
 from malaria_cells.ensemble import Probabilities, average, run_probabilities
 from malaria_cells.errors import ConfigError, RunError
+from malaria_cells.evaluate import format_ci
 from malaria_cells.io import atomic_write_json, atomic_write_text
 from malaria_cells.reproduce import METRICS, train_or_reuse
 from malaria_cells.run import Run
@@ -645,16 +646,9 @@ def read_results(out_dir: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _pct(d: dict | None, digits: int = 2) -> str:
-    if not d or d.get("value") is None or d["value"] != d["value"]:
-        return "n/a"
-    return f"{100 * d['value']:.{digits}f} ({100 * d['low']:.{digits}f}–{100 * d['high']:.{digits}f})"
-
-
-def _auc(d: dict | None) -> str:
-    if not d or d.get("value") is None or d["value"] != d["value"]:
-        return "n/a"
-    return f"{d['value']:.4f} ({d['low']:.4f}–{d['high']:.4f})"
+def _pct(d: dict) -> str:
+    """A bootstrap result in percent: ``value (low–high)``, two decimals."""
+    return format_ci({k: None if d.get(k) is None else 100 * d[k] for k in ("value", "low", "high")}, 2)
 
 
 def _msd(s: dict, pct: bool = True) -> str:
@@ -695,10 +689,9 @@ def render_cv(out: dict) -> str:
     ]
     for r in out["rows"]:
         p = r["pooled"]
-        mcc = p["mcc"]
         lines.append(
             f"| {r['name']} | {_pct(p['accuracy'])} | {_pct(p['sensitivity'])} | {_pct(p['specificity'])} | "
-            f"{_auc(p['roc_auc'])} | {mcc['value']:.3f} ({mcc['low']:.3f}–{mcc['high']:.3f}) |"
+            f"{format_ci(p['roc_auc'], 4)} | {format_ci(p['mcc'], 3)} |"
         )
     lines += [
         "",
