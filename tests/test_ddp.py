@@ -31,6 +31,7 @@ from torch import nn
 
 from malaria_cells import distributed
 from malaria_cells.config import resolve_config
+from malaria_cells.errors import ConfigError
 from malaria_cells.models import CustomCNN
 from malaria_cells.run import Run
 from malaria_cells.train import train
@@ -53,6 +54,7 @@ def _torchrun(*, data: Path, out: Path, nproc: int) -> subprocess.CompletedProce
     cmd += ["64", "--epochs", "1", "--patience", "100", "--threads", "1", "--precision", "fp32"]
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
     env["OMP_NUM_THREADS"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU (gloo) path, also on a machine with fewer GPUs than processes
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
 
 
@@ -60,7 +62,9 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / abs(a)
 
 
-def test_two_processes_take_the_single_process_step(tmp_path, synthetic_data):
+def test_two_processes_take_the_single_process_step(tmp_path, synthetic_data, monkeypatch):
+    # Both sides on the CPU (gloo), also on a machine with a GPU: the comparison is of the same arithmetic.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     single = train(config=resolve_config(overrides=ONE_STEP), data_dir=synthetic_data, run_dir=tmp_path / "single")
     multi = tmp_path / "multi"
     proc = _torchrun(data=synthetic_data, out=multi, nproc=2)
@@ -121,3 +125,15 @@ def test_several_processes_refuse_what_they_cannot_match(monkeypatch, tmp_path, 
     with pytest.raises(ValueError, match=message):
         train(config=resolve_config(overrides=overrides), data_dir=synthetic_data, run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists() and not distributed.active()
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    # Seen on a one-GPU machine: the second rank died in CUDA with "invalid device ordinal" and torchrun's traceback.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="--nproc_per_node 1") as e:
+        distributed.setup()
+    assert e.value.code == "ddp_too_many_processes" and not distributed.active()

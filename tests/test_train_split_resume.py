@@ -122,3 +122,23 @@ def test_resume_refuses_to_extend_a_run_that_stopped_early(tmp_path: Path, synth
     res = CliRunner().invoke(app, ["train", "--resume", str(run), "--epochs", "3", "--data", str(synthetic_data)])
     assert res.exit_code == EXIT_USAGE and "stopped by itself" in " ".join(res.output.split())
     assert len(_history(run)) == 1 and Run(run).finished
+
+
+def test_a_one_class_validation_split_stops_before_training(tmp_path: Path, synthetic_data: Path) -> None:
+    # Its val AUC (which picks the best epoch and the threshold) is undefined: once this trained to the end and then
+    # failed on best.safetensors, which no epoch had written.
+    images = D.scan(synthetic_data).images
+    healthy = sorted({im.patient for im in images} - {im.patient for im in images if im.label == 1})
+    infected = sorted({im.patient for im in images if im.label == 1})
+    which = {healthy[0]: "val", infected[0]: "test"}
+    split_csv = tmp_path / "split.csv"
+    with split_csv.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["rel", "label", "patient", "split", "kind"])
+        for im in images:
+            w.writerow([im.rel, im.label, im.patient, which.get(im.patient, "train"), "patient"])
+    cfg = resolve_config(overrides={**FAST, "epochs": 1, "split_file": str(split_csv)})
+    with pytest.raises(ConfigError, match="val split holds only Uninfected cells") as e:
+        train(config=cfg, data_dir=synthetic_data, run_dir=tmp_path / "run")
+    assert e.value.code == "split_one_class"
+    assert not (tmp_path / "run").exists()

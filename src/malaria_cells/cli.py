@@ -499,6 +499,7 @@ def reproduce_cmd(
         if skip_cv:
             if final_fit is None:
                 _fail("--skip-cv goes with --final-fit RUN")
+            CV.read_results(out_dir)  # no CV to take the recipe from: say so before looking for the data
             CV.final_fit(cv_dir=out_dir, data_dir=_data(data), run_dir=final_fit, row_key=final_row)
             console.print(f"final fit (every patient; figures from the CV in {out_dir}): {final_fit}")
             return

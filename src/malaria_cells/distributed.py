@@ -27,6 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from malaria_cells.errors import ConfigError
+
 
 def launched() -> bool:
     """Whether a launcher (torchrun) started this process as one of several ranks: ``RANK`` and ``WORLD_SIZE`` set."""
@@ -75,6 +77,14 @@ def setup() -> bool:
     if not launched() or active():
         return False
     if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if local_rank() >= gpus:
+            # nccl needs one GPU per process; CUDA's own error here is "invalid device ordinal".
+            raise ConfigError(
+                f"torchrun started rank {local_rank()} on a machine with {gpus} GPU(s): use --nproc_per_node {gpus}"
+                " (one process per GPU), or CUDA_VISIBLE_DEVICES= to train on CPUs (gloo)",
+                code="ddp_too_many_processes",
+            )
         torch.cuda.set_device(local_rank())  # "cuda" without an index now means this rank's GPU
         dist.init_process_group(backend="nccl")
     else:

@@ -9,8 +9,10 @@ neither :mod:`malaria_cells.weights` nor timm at import time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,6 +356,31 @@ def to_input(batch_u8: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
+_TF32_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def exact_fp32(precision: str, device: torch.device):
+    """Make "fp32" on CUDA mean fp32 for the duration: cuDNN convolutions default to TF32 (10-bit mantissa).
+
+    On an H200, TF32 moved P(Parasitized) by up to 2.5e-3 against the fp32 ONNX export (benchmarks/gpu_check.sh);
+    with it off, torch and ONNX agree as they do on the CPU. Training keeps torch's default (TF32 is fast and its
+    rounding is far below the noise of SGD). A no-op on the CPU and for bf16. The flag is process-wide, so concurrent
+    CUDA fp32 predictions (serve's threads) take turns.
+    """
+    if device.type != "cuda" or precision != "fp32":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    with _TF32_LOCK:
+        old = cudnn.allow_tf32
+        cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            cudnn.allow_tf32 = old
+
+
 @torch.no_grad()
 def predict_logits(
     model: nn.Module,
@@ -387,7 +414,7 @@ def predict_logits(
         x = to_input(
             torch.from_numpy(np.array(images[a : a + batch_size])).to(device), prep
         )  # copy: memmaps are read-only
-        with autocast(precision, device):
+        with exact_fp32(precision, device), autocast(precision, device):
             out[a : a + len(x)] = model(x).float().cpu().numpy()
         if progress:
             progress(len(x))

@@ -239,6 +239,18 @@ def prepare_data(
         w: np.array([i for i in split.indices(images, w) if cache.ok[i]], dtype=np.int64)
         for w in ("train", "val", "test")
     }
+    for w in ("train", "val"):
+        present = set(labels[idx[w]].tolist())
+        if len(idx[w]) and len(present) < 2:
+            # One class: the val AUC that picks the best epoch and the threshold is undefined (no weights would be
+            # saved), and a one-class training split learns nothing. Say so before an hour of training.
+            only = "Parasitized" if present == {1} else "Uninfected"
+            raise ConfigError(
+                f"the {w} split holds only {only} cells ({len(idx[w])} cells of "
+                f"{len({images[i].patient for i in idx[w]})} patient(s)): use more patients, a larger "
+                "--val-fraction or another --split-seed",
+                code="split_one_class",
+            )
     if exclude:
         drop = np.array([images[i].rel in exclude for i in idx["train"]], dtype=bool)
         log.info("left %d suspect label(s) of the audit out of %d training cells", int(drop.sum()), len(drop))
@@ -447,8 +459,10 @@ def _activation_store(
     *, config: TrainConfig, data: Prepared, groups: list[nn.Sequential], cut: int, needs: dict, create: bool
 ) -> FeatureStore | None:
     """The store of activations at the input of ``groups[cut]``, or None if too big (or absent and not created)."""
+    device = next((p.device for g in groups for p in g.parameters()), torch.device("cpu"))  # CUDA when trained there
     with torch.no_grad():
-        shape = run_groups(groups[:cut], torch.zeros(1, 3, config.input_size, config.input_size)).shape[1:]
+        probe = torch.zeros(1, 3, config.input_size, config.input_size, device=device)
+        shape = run_groups(groups[:cut], probe).shape[1:]
     item_shape = (shape[1], shape[2], shape[0])  # NHWC
     n_items = sum(len(i) for i in needs.values())
     if n_items * int(np.prod(item_shape)) * 2 > MAX_ACTIVATION_BYTES:
@@ -476,7 +490,7 @@ def _head_logits(
     with torch.no_grad():
         for a in range(0, len(inputs), 256):
             out.append(model.head(to_features(torch.from_numpy(np.asarray(inputs[a : a + 256])))).squeeze(1))
-    return torch.cat(out).float().numpy() if out else np.zeros(0, np.float32)
+    return torch.cat(out).float().cpu().numpy() if out else np.zeros(0, np.float32)
 
 
 def scratch_plan(
