@@ -200,3 +200,22 @@ def test_cli_export(base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 def test_shared_onnx_fixture_is_an_fp32_export(base: Path) -> None:
     assert _metadata(tiny_onnx(base))["quantization"] == {"precision": "fp32"}
+
+
+def test_int8_export_of_a_final_fit_checks_on_uncalibrated_training_cells(base: Path, tmp_path: Path) -> None:
+    # A final fit has no test split: int8 export once refused it ("needs the run's images"). It now checks on
+    # training cells outside the calibration sample, and the file and the card say so.
+    run, data, cache = tiny_run(base)
+    final = tmp_path / "final"
+    shutil.copytree(run, final)
+    split_csv = final / "split.csv"
+    split_csv.write_text(split_csv.read_text().replace(",test,", ",train,").replace(",val,", ",train,"))
+    assert "test" not in Run.open(final).split().assignment.values()
+    report = E.export_run(
+        run_dir=final, out=tmp_path / "q.onnx", int8=True, data_dir=data, cache_dir=str(cache), calibration_images=16
+    )
+    q = report.quantization
+    assert report.parity_source == q["check_images"] == "training cells (final fit: no test split)"
+    n_train = len(Run.open(final).split().assignment)
+    assert q["test_images"] == min(E.FINAL_FIT_CHECK_IMAGES, n_train - 16) > 0
+    assert _metadata(tmp_path / "q.onnx")["quantization"]["check_images"].startswith("training cells")

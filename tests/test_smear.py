@@ -206,14 +206,16 @@ def test_cli_on_a_blank_photo_says_no_cells(tmp_path):
 def test_contact_sheet_keeps_the_most_confident_when_full(iml, tmp_path, monkeypatch, analyzer):
     import malaria_cells.smear as smear
 
-    monkeypatch.setattr(smear, "SHEET_CELLS", 3)  # fills after a few cells: the replace path runs
+    # Full after one cell, so the replace path runs with any model that calls two or more cells in these photos
+    # (the shipped model at its high-specificity point calls 2).
+    monkeypatch.setattr(smear, "SHEET_CELLS", 1)
     photos = [iml / "fields" / n for n in ("PA171700.JPG", "PA171710.JPG")]
     run = smear.run_smear([("s", photos)], out=tmp_path, analyzer=analyzer, overlays=False)
     rows = list(csv.DictReader((tmp_path / "cells.csv").open()))
     called = sorted((float(r["prob_parasitized"]) for r in rows if r["label"] == "Parasitized"), reverse=True)
-    assert len(called) > 3 and run.photos == 2
+    assert len(called) > 1 and run.photos == 2
     with Image.open(tmp_path / "infected_cells.png") as im:
-        assert im.height < 2 * (96 + 16) + 24  # one row: three cells
+        assert im.height < 2 * (96 + 16) + 24  # one row: the one cell kept
 
 
 def test_public_api_from_the_package_top_imports_no_torch():

@@ -68,7 +68,7 @@ class ExportReport:
     precision: str  # "fp32" or "int8"
     size_bytes: int
     parity_images: int
-    parity_source: str  # "test split" or "synthetic"
+    parity_source: str  # "test split", "training cells (final fit: no test split)" or "synthetic"
     parity_max_abs_diff_prob: float  # vs the torch model, on the parity images
     quantization: dict = field(default_factory=dict)  # int8 only: format, calibration, accuracies, drop
     warning: str | None = None
@@ -187,11 +187,15 @@ def export_torchscript_onnx(model: nn.Module, prep: Preprocessing, path: Path) -
         )
 
 
+FINAL_FIT_CHECK_IMAGES = 3000  # a final fit has no test split: this many other training cells check the export
+
+
 @dataclass
 class _SplitData:
     calibration: np.ndarray | None  # uint8 train images
-    test: np.ndarray | None  # uint8 test images
+    test: np.ndarray | None  # uint8 check images: the test split, or training cells for a final fit
     test_labels: np.ndarray | None
+    source: str = "test split"  # what the check images are
 
 
 def _split_images(
@@ -201,25 +205,35 @@ def _split_images(
     from malaria_cells.cache import build_or_load
     from malaria_cells.data import DataError, resolve_data_dir, scan
     from malaria_cells.evaluate import select_images
+    from malaria_cells.run import Run
 
     size = int(meta["preprocessing"]["input_size"])
     try:
         if data_dir is None and meta.get("data_root") and Path(meta["data_root"]).exists():
             data_dir = Path(meta["data_root"])
         found = scan(resolve_data_dir(data_dir))
-        test_images, _ = select_images(run_dir=run_dir, images=found.images, split="test")
+        has_test = "test" in Run.open(run_dir).split().assignment.values()  # a final fit has none
+        test_images = select_images(run_dir=run_dir, images=found.images, split="test")[0] if has_test else []
+        train_images, _ = select_images(run_dir=run_dir, images=found.images, split="train")
     except (DataError, ValueError, FileNotFoundError) as e:
         log.warning("no data for the checks (%s); parity uses synthetic images", e)
         return _SplitData(None, None, None)
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(train_images), size=min(need_calibration, len(train_images)), replace=False)
+    source = "test split"
+    if not test_images:
+        # A final fit trained on every patient: the export is checked on training cells the int8 calibration did not
+        # use. That measures fidelity to the fp32 model (parity, int8 drop), not accuracy on new patients.
+        rest = np.setdiff1d(np.arange(len(train_images)), pick)
+        chosen = np.sort(rng.choice(rest, size=min(FINAL_FIT_CHECK_IMAGES, len(rest)), replace=False))
+        test_images = [train_images[i] for i in chosen]
+        source = "training cells (final fit: no test split)"
     cache = build_or_load(images=test_images, size=size, root=found.root, cache_dir=cache_dir)
     keep = np.flatnonzero(cache.ok)
     test = np.asarray(cache.array[keep])
     labels = np.array([test_images[i].label for i in keep], dtype=np.int64)
     calibration = None
     if need_calibration:
-        train_images, _ = select_images(run_dir=run_dir, images=found.images, split="train")
-        rng = np.random.default_rng(0)
-        pick = rng.choice(len(train_images), size=min(need_calibration, len(train_images)), replace=False)
         arrays = []
         for i in sorted(pick):
             try:
@@ -227,7 +241,7 @@ def _split_images(
             except ImageError as e:
                 log.warning("calibration: skipped %s", e)
         calibration = np.stack(arrays) if arrays else None
-    return _SplitData(calibration, test, labels)
+    return _SplitData(calibration, test, labels, source)
 
 
 def synthetic_cells(n: int, size: int, *, seed: int = 0) -> np.ndarray:
@@ -378,7 +392,7 @@ def export_run(
         cache_dir=cache_dir,
     )
     if split.test is not None and len(split.test):
-        parity_set, parity_source = split.test[:parity_images], "test split"
+        parity_set, parity_source = split.test[:parity_images], split.source
     else:
         parity_set, parity_source = synthetic_cells(min(parity_images, 128), prep.input_size), "synthetic"
     if int8 and (split.calibration is None or split.test is None):
@@ -412,24 +426,26 @@ def export_run(
                 "format": quant_format.upper(),
                 "calibration": f"{len(split.calibration)} training images of the run's split",
                 "test_images": int(len(split.test_labels)),
+                "check_images": split.source,
                 "accuracy_fp32_test": acc32,
                 "accuracy_int8_test": acc8,
                 "accuracy_drop_points": drop,
                 "max_abs_diff_prob_vs_torch": q8_diff,
             }
             log.info(
-                "int8 (%s): test accuracy %.4f vs fp32 %.4f (drop %+.2f points on %d images); "
+                "int8 (%s): accuracy %.4f vs fp32 %.4f on the %s (drop %+.2f points on %d images); "
                 "max |Δprob| vs torch %.3f",
                 quant_format.upper(),
                 acc8,
                 acc32,
+                split.source,
                 drop,
                 len(split.test_labels),
                 q8_diff,
             )
             if drop > INT8_MAX_DROP_POINTS:
                 warning = (
-                    f"int8 accuracy on the test split is {drop:.2f} points below fp32 "
+                    f"int8 accuracy on the {split.source} is {drop:.2f} points below fp32 "
                     f"(more than {INT8_MAX_DROP_POINTS}); prefer the fp32 model"
                 )
                 log.warning("%s", warning)
