@@ -35,6 +35,7 @@ LEVELS: dict[str, int] = {
             "boxes",
             "overlay",
             "ood",
+            "stain",
         ),
         0,
     ),

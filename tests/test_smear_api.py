@@ -104,6 +104,25 @@ def test_the_service_answers_what_the_library_finds(client: TestClient, answer: 
     assert (answer["summary"]["cells"], answer["summary"]["infected"]) == (direct.n_cells, direct.n_infected)
 
 
+def test_stain_normalization_per_request(client: TestClient, answer: dict, photo: Path) -> None:
+    from malaria_cells.smear import analyze_smear
+
+    assert answer["model"]["stain_normalized"] is False  # off unless asked
+    status, body = _smear(client, photo.name, photo.read_bytes(), "?stain_normalize=true")
+    assert status == 200 and body["model"]["stain_normalized"] is True
+    # The same cells, other probabilities: exactly what the library gives with the same switch.
+    assert [(c["x"], c["y"]) for c in body["cells"]] == [(c["x"], c["y"]) for c in answer["cells"]]
+    lib = analyze_smear(photo, stain_normalize=True)
+    got = [c["prob_parasitized"] for c in body["cells"] if c["prob_parasitized"] is not None]
+    want = [round(c.prob_parasitized, 6) for c in lib.cells if c.prob_parasitized == c.prob_parasitized]
+    assert got == pytest.approx(want, abs=1e-6) and got != [
+        c["prob_parasitized"] for c in answer["cells"] if c["prob_parasitized"] is not None
+    ]
+    # The next request without it is not normalized (a per-request choice, not a switch on the shared analyzer).
+    status, body = _smear(client, photo.name, photo.read_bytes())
+    assert status == 200 and body["model"]["stain_normalized"] is False
+
+
 def test_overlay_and_crops_only_on_request(client: TestClient, photo: Path) -> None:
     status, body = _smear(client, photo.name, photo.read_bytes(), "?crops=true&overlay=true&overlay_format=jpeg")
     assert status == 200
@@ -227,7 +246,7 @@ def test_openapi_names_the_smear_response_model(client: TestClient) -> None:
         schemas["SmearCellResult"]["properties"]
     )
     assert "multipart/form-data" in op["requestBody"]["content"]
-    assert {p["name"] for p in op["parameters"]} == {"overlay", "overlay_format", "crops"}
+    assert {p["name"] for p in op["parameters"]} == {"overlay", "overlay_format", "crops", "stain_normalize"}
     assert "one photo per request" in op["description"] and "40 megapixels" in op["description"]
 
 

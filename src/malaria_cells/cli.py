@@ -542,6 +542,14 @@ def reproduce_cmd(
     )
 
 
+StainNormalizeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--stain-normalize",
+        help="Move each photo's cells to the NIH training cells' stain before classifying (another lab's photos, "
+        "a model trained on NIH cells; not with an adapted model).",
+    ),
+]
 OperatingPointOpt = Annotated[
     str | None,
     typer.Option(help="A named threshold stored with the model (adapt stores high_specificity, balanced, ...)."),
@@ -890,6 +898,7 @@ def smear_cmd(
     workers: Annotated[
         int | None, typer.Option(min=1, help="Photos analysed at once (default: the available cores).")
     ] = None,
+    stain_normalize: StainNormalizeOpt = False,
 ) -> None:
     """Find every red blood cell in field photos, classify it, and report parasitemia per photo and per slide.
 
@@ -922,7 +931,12 @@ def smear_cmd(
     given = load_annotations(boxes) if boxes is not None else None
     workers = min(workers or available_cores(), n_photos)
     analyzer = SmearAnalyzer.load(
-        model=model, detector=detector, threshold=threshold, operating_point=operating_point, workers=workers
+        model=model,
+        detector=detector,
+        threshold=threshold,
+        operating_point=operating_point,
+        workers=workers,
+        stain_normalize=stain_normalize,
     )
     with task(f"analyzing {n_photos:,} photos", total=n_photos) as bar:
         run = run_smear(
@@ -958,6 +972,7 @@ def smear_eval_cmd(
         str | None, typer.Option(help="Only photos whose name sorts at or after this one (a split of your own).")
     ] = None,
     last: Annotated[str | None, typer.Option(help="Only photos whose name sorts at or before this one.")] = None,
+    stain_normalize: StainNormalizeOpt = False,
 ) -> None:
     """Score the smear pipeline against annotated photos: detection, classification, counts and parasitemia."""
     from malaria_cells.boxes import load_annotations
@@ -968,7 +983,12 @@ def smear_eval_cmd(
     from malaria_cells.terminal import console
 
     names = [n for n in load_annotations(annotations) if (first is None or n >= first) and (last is None or n <= last)]
-    analyzer = SmearAnalyzer(classifier=Classifier.load(model), detector=Detector(detector), threshold=threshold)
+    analyzer = SmearAnalyzer(
+        classifier=Classifier.load(model),
+        detector=Detector(detector),
+        threshold=threshold,
+        stain_normalize=stain_normalize,
+    )
     m = evaluate_smear(
         photos_dir=photos, annotations=annotations, analyzer=analyzer, out=out, given_boxes=given_boxes, names=names
     )

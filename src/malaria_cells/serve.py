@@ -752,6 +752,14 @@ async def smear(
     crops: Annotated[
         bool, Query(description="Add each cell's classifier input (the cell on black) as a PNG data URL.")
     ] = False,
+    stain_normalize: Annotated[
+        bool,
+        Query(
+            description="Move the photo's cells to the NIH training cells' stain before classifying: for another "
+            "lab's photos with a model trained on NIH cells (more infected cells found, more false alarms; "
+            "docs/trust.md), never with a model adapted to the lab."
+        ),
+    ] = False,
 ) -> JSONResponse:
     """Find, classify and count the red blood cells of one field photo."""
     cfg, analyzer = state.config, state.analyzer
@@ -775,7 +783,8 @@ async def smear(
         # Detection and classification are one model call: the slot is held ~50-150 ms for a 1280 x 960 photo.
         async with state.slots.hold():
             result = await loop.run_in_executor(
-                state.model_pool, functools.partial(analyzer.analyze_array, rgb, name=upload.name)
+                state.model_pool,
+                functools.partial(analyzer.analyze_array, rgb, name=upload.name, stain_normalize=stain_normalize),
             )
         # Drawing and encoding the overlay and crops is not model work: done in a decoding thread, slot released.
         fmt = overlay_format if overlay else None
@@ -871,6 +880,7 @@ def smear_body(
             threshold=analyzer.threshold,
             detector=Path(det.path).name,
             detector_threshold=det.meta.threshold,
+            stain_normalized=result.stain_normalized,
         ),
         overlay=smear_overlay(result, fmt=overlay) if overlay else None,
         disclaimer=str(clf.card.get("disclaimer") or DISCLAIMER),

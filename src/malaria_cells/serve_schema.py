@@ -135,6 +135,9 @@ class SmearModelSummary(BaseModel):
     threshold: float = Field(description="Parasitized when P(Parasitized) >= threshold.")
     detector: str = Field(description="The detector file's name.")
     detector_threshold: float = Field(description="Heatmap probability above which a cell centre is a detection.")
+    stain_normalized: bool = Field(
+        default=False, description="The photo's cells were moved to the NIH training cells' stain before classifying."
+    )
 
 
 class SmearResponse(BaseModel):

@@ -28,6 +28,7 @@ from malaria_cells.metrics import Proportion, clustered_proportion
 from malaria_cells.predict import Classifier, to_image
 from malaria_cells.preprocess import ImageError, letterbox
 from malaria_cells.segment import cell_masks
+from malaria_cells.stain import normalize_cells
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class FieldResult:
     warning: str | None = None  # e.g. "0 cells found"
     crops: np.ndarray | None = None  # uint8 (N, S, S, 3) classifier inputs, kept for contact sheets
     photo: np.ndarray | None = None  # the decoded photo, kept (with the crops) for overlays
+    stain_normalized: bool = False  # its cells were moved to the training cells' stain before classifying
 
     @property
     def counted(self) -> list[SmearCell]:
@@ -264,6 +266,9 @@ class SmearAnalyzer:
         operating_point: a named threshold of the model; "auto" (default): its :data:`SMEAR_OPERATING_POINT` when
             it has one, else its default threshold.
         keep_crops: keep each field's classifier inputs (for contact sheets; costs memory).
+        stain_normalize: move each photo's cells to the NIH training cells' stain before classifying them
+            (:mod:`malaria_cells.stain`): for another lab's photos with a model trained on NIH cells, never with a
+            model adapted to the lab.
     """
 
     def __init__(
@@ -274,8 +279,10 @@ class SmearAnalyzer:
         threshold: float | None = None,
         operating_point: str | None = "auto",
         keep_crops: bool = False,
+        stain_normalize: bool = False,
     ) -> None:
         self.classifier = classifier or Classifier.load()
+        self.stain_normalize = stain_normalize
         self.detector = detector or Detector()
         points = self.classifier.operating_points
         if operating_point == "auto":
@@ -305,6 +312,7 @@ class SmearAnalyzer:
         threshold: float | None = None,
         operating_point: str | None = None,
         workers: int = 1,
+        stain_normalize: bool = False,
     ) -> SmearAnalyzer:
         """Load the models for ``workers`` photos at a time: with several, each model call uses one thread (the
         photos in flight use the cores), else the runtimes' default.
@@ -316,6 +324,7 @@ class SmearAnalyzer:
             operating_point: a named threshold stored with the model (``adapt`` stores "high_specificity",
                 "balanced", "high_sensitivity"); ``threshold`` wins over it.
             workers: photos analysed at once.
+            stain_normalize: move each photo's cells to the NIH training cells' stain (see the class).
 
         Returns:
             The analyzer.
@@ -326,19 +335,28 @@ class SmearAnalyzer:
             detector=Detector(detector, threads=threads),
             threshold=threshold,
             operating_point=operating_point or "auto",
+            stain_normalize=stain_normalize,
         )
 
     def label(self, prob: float) -> str:
         """Parasitized / Uninfected at this analyzer's threshold."""
         return self.classifier.positive_class if prob >= self.threshold else self.classifier.negative_class
 
-    def analyze(self, image: Any, *, name: str | None = None, boxes: FieldBoxes | None = None) -> FieldResult:
+    def analyze(
+        self,
+        image: Any,
+        *,
+        name: str | None = None,
+        boxes: FieldBoxes | None = None,
+        stain_normalize: bool | None = None,
+    ) -> FieldResult:
         """Detect (or take the given boxes), crop, classify and count one photo.
 
         Args:
             image: a path, encoded bytes, a PIL image or a uint8 (H, W, 3) array.
             name: shown in results and errors (default: the path, or "<image>").
             boxes: annotated boxes to classify instead of detecting (classification judged apart from detection).
+            stain_normalize: this photo only (default: the analyzer's setting).
 
         Returns:
             The field's result; an unreadable photo gives a result with ``error`` set, never an exception.
@@ -348,9 +366,11 @@ class SmearAnalyzer:
             rgb = np.asarray(to_image(image, name=name))
         except ImageError as e:
             return FieldResult(name, error=str(e), error_code=e.code)
-        return self.analyze_array(rgb, name=name, boxes=boxes)
+        return self.analyze_array(rgb, name=name, boxes=boxes, stain_normalize=stain_normalize)
 
-    def analyze_array(self, rgb: np.ndarray, *, name: str, boxes: FieldBoxes | None = None) -> FieldResult:
+    def analyze_array(
+        self, rgb: np.ndarray, *, name: str, boxes: FieldBoxes | None = None, stain_normalize: bool | None = None
+    ) -> FieldResult:
         """:meth:`analyze` for a decoded uint8 (H, W, 3) photo."""
         height, width = rgb.shape[:2]
         if boxes is not None:
@@ -365,6 +385,10 @@ class SmearAnalyzer:
         ok &= ~other
         probs = np.full(len(det), np.nan, np.float32)
         idx = np.nonzero(ok)[0]
+        normalized = False
+        if self.stain_normalize if stain_normalize is None else stain_normalize:
+            # The red cells of the photo together (not "Other", not unusable crops) measure its stain.
+            crops[idx], normalized = normalize_cells(crops[idx])
         # In batches of CLASSIFY_BATCH: the runtime keeps its largest activations allocated, and a photo's ~150 cells
         # at once cost ~2.5x the memory of 64 for no gain in speed.
         for a in range(0, len(idx), CLASSIFY_BATCH):
@@ -378,7 +402,7 @@ class SmearAnalyzer:
                 SmearCell(i, x, y, w, h, int(areas[i]), bool(det.on_border[i]), float(probs[i]), label,
                           float(det.scores[i]), truth[i])
             )  # fmt: skip
-        result = FieldResult(name, width, height, cells)
+        result = FieldResult(name, width, height, cells, stain_normalized=normalized)
         if self.keep_crops:
             result.crops, result.photo = crops, rgb
         if result.n_cells == 0:
@@ -393,6 +417,7 @@ def analyze_smear(
     detector: str | Path | None = None,
     threshold: float | None = None,
     analyzer: SmearAnalyzer | None = None,
+    stain_normalize: bool = False,
 ) -> FieldResult:
     """Analyze one field photo: every red cell found, classified and counted.
 
@@ -402,6 +427,7 @@ def analyze_smear(
         detector: the detector ONNX file (default: the shipped one).
         threshold: decision threshold (default: the model's).
         analyzer: an already loaded analyzer (wins over ``model``/``detector``; load once for many photos).
+        stain_normalize: move the photo's cells to the NIH training cells' stain first (another lab's photos).
 
     Returns:
         The field's cells, counts and parasitemia (``result.parasitemia``); ``overlay(result, image)`` draws it.
@@ -410,7 +436,7 @@ def analyze_smear(
         analyzer = SmearAnalyzer(
             classifier=Classifier.load(model), detector=Detector(detector), threshold=threshold, keep_crops=True
         )  # operating point "auto": the model's high-specificity point
-    return analyzer.analyze(image)
+    return analyzer.analyze(image, stain_normalize=stain_normalize or None)
 
 
 def group_slides(paths: Iterable[str | Path]) -> list[tuple[str, list[Path]]]:
@@ -613,6 +639,7 @@ def run_smear(
         "detector": str(analyzer.detector.path),
         "detector_threshold": analyzer.detector.meta.threshold,
         "boxes": "given" if boxes is not None else "detected",
+        "stain_normalize": analyzer.stain_normalize,
     }
     atomic_write_json(
         out / "summary.json",

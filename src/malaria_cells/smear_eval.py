@@ -154,6 +154,7 @@ def evaluate_smear(
         "classifier": analyzer.classifier.source,
         "threshold": analyzer.threshold,
         "detector": None if given_boxes else str(analyzer.detector.path),
+        "stain_normalize": analyzer.stain_normalize,
     }
     result["photos"] = [s.image for s in scores]
     if out is not None:
@@ -263,8 +264,9 @@ def render_report(m: dict[str, Any]) -> str:
     lines = [
         f"# Smear pipeline evaluation ({m['mode']}, {m['n_photos']} photos)",
         "",
-        f"Classifier `{m['model']['classifier']}` at threshold {m['model']['threshold']:.4f}; detector "
-        f"`{m['model']['detector']}`. 95 % intervals resample photos ({len(m['photos'])}).",
+        f"Classifier `{m['model']['classifier']}` at threshold {m['model']['threshold']:.4f}"
+        + (", each photo's cells stain-normalized to the NIH cells" if m["model"].get("stain_normalize") else "")
+        + f"; detector `{m['model']['detector']}`. 95 % intervals resample photos ({len(m['photos'])}).",
         "",
         "## Detection",
         "",
