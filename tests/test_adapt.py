@@ -151,3 +151,27 @@ def test_adapt_command_starts_from_the_shipped_model_by_default(tmp_path, share)
     assert res.exit_code == 0, res.output
     assert Run.open(out).meta.to_dict()["adapted"]["from_run"] == str(SHIPPED_RUN)
     assert (out / "model.onnx").is_file()
+
+
+def test_adapt_on_normalized_cells_makes_smear_normalize_too(tmp_path, small_run):
+    from malaria_cells.adapt import lab_cells
+    from malaria_cells.errors import ConfigError
+    from malaria_cells.predict import Classifier
+    from malaria_cells.smear import SmearAnalyzer
+    from malaria_cells.stain import load_reference, rgb_to_lab, stained
+
+    photos, ann = _lab(tmp_path, n_photos=6)
+    cells = lab_cells(data=photos, annotations=ann, size=32, stain_normalize=True)
+    first = cells.images[cells.groups == "F000.png"]
+    lab = rgb_to_lab(first[stained(first)])
+    assert np.allclose(lab.mean(0), load_reference().mean, atol=1.5)  # the photo's cells, moved to NIH's stain
+    with pytest.raises(ConfigError, match="needs field photos"):
+        lab_cells(data=photos, annotations=None, size=32, stain_normalize=True)
+    cfg = AdaptConfig(epochs=1, batch_size=16, val_fraction=0.3, test_fraction=0.2, threads=1, stain_normalize=True)
+    result = adapt(run=small_run, data=photos, annotations=ann, out=tmp_path / "adapted", config=cfg, n_boot=20)
+    assert Run.open(result.out).meta.to_dict()["stain_normalize"] is True
+    clf = Classifier.load(result.onnx)
+    assert clf.card["stain_normalize"] is True  # it travels in the ONNX file
+    assert SmearAnalyzer(classifier=clf).stain_normalize  # and smear follows it unless told otherwise
+    assert not SmearAnalyzer(classifier=clf, stain_normalize=False).stain_normalize
+    assert not SmearAnalyzer(classifier=Classifier.load()).stain_normalize  # the shipped model: off

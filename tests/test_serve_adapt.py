@@ -117,3 +117,18 @@ def test_the_shipped_run_is_the_shipped_models_weights(share: Path, monkeypatch:
         jobs = client.app.state.adapt_jobs
         assert jobs.base == SHIPPED_RUN
         assert jobs._work_dir is None  # no job, no folder
+
+
+def test_stain_normalize_reaches_the_job(tmp_path: Path, share: Path) -> None:
+    # Normalization is measured per photo: a zip of separate cells is refused by the job, which says why.
+    run, _, _ = tiny_run(tmp_path / "deploy")
+    with TestClient(create_app(model=run), base_url=LOCAL) as client:
+        r = client.post("/api/v1/adapt?epochs=1&stain_normalize=true", content=_lab_zip(share))
+        assert r.status_code == 202, r.text
+        assert r.json()["stain_normalize"] is True
+        deadline = time.monotonic() + 120
+        while (info := client.get(r.headers["Location"]).json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline, "adapt job did not finish"
+            time.sleep(0.2)
+        assert info["status"] == "failed" and info["error"]["code"] == "config_invalid"
+        assert "needs field photos" in info["error"]["message"]

@@ -35,6 +35,7 @@ from malaria_cells.io import atomic_write, atomic_write_json, atomic_write_text
 from malaria_cells.models import predict_logits, set_threads, to_input
 from malaria_cells.run import Run
 from malaria_cells.smear import crop_cells
+from malaria_cells.stain import normalize_cells
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class AdaptConfig:
     target_specificity: float = 0.995  # the high-specificity operating point (low-prevalence screening)
     target_sensitivity: float = 0.95  # the high-sensitivity operating point
     stain_jitter: bool = True
+    # Each photo's cells moved to the NIH cells' stain before training (and, through the model's metadata, before
+    # every later classification in `smear`): the NIH features then meet colours they know. Photos only.
+    stain_normalize: bool = False
     seed: int = 0
     threads: int | None = None
 
@@ -77,7 +81,7 @@ class LabCells:
     source: str
 
 
-def lab_cells(*, data: Path, annotations: Path | None, size: int) -> LabCells:
+def lab_cells(*, data: Path, annotations: Path | None, size: int, stain_normalize: bool = False) -> LabCells:
     """Labelled cells of a lab, cut out into the training form.
 
     Args:
@@ -85,9 +89,14 @@ def lab_cells(*, data: Path, annotations: Path | None, size: int) -> LabCells:
             cell images (each file its own group; loose crops on a light background are segmented).
         annotations: the photos' boxes (IML JSON or COCO); "difficult" boxes are left out.
         size: the model's input side.
+        stain_normalize: move each photo's cells to the NIH cells' stain (:mod:`malaria_cells.stain`), as ``smear``
+            does for a model adapted this way; photos only.
 
     Returns:
         The cells.
+
+    Raises:
+        ConfigError: no labelled cells, or ``stain_normalize`` without photos.
     """
     from PIL import Image
 
@@ -95,6 +104,9 @@ def lab_cells(*, data: Path, annotations: Path | None, size: int) -> LabCells:
     from malaria_cells.segment import on_black, segment_crop
 
     images, labels, groups = [], [], []
+    if stain_normalize and annotations is None:
+        # The stain is measured per photo, over its cells: a folder of separate cells has no photo to measure.
+        raise ConfigError("stain normalization needs field photos with --annotations, not a folder of cells")
     if annotations is not None:
         boxes = load_annotations(annotations)
         names = sorted(n for n in boxes if (Path(data) / n).is_file())
@@ -104,7 +116,8 @@ def lab_cells(*, data: Path, annotations: Path | None, size: int) -> LabCells:
                 keep = fb.labels >= 0
                 rgb = np.asarray(load_image(Path(data) / name))
                 crops, _, ok, _ = crop_cells(rgb, fb.boxes[keep], size=size)
-                images.append(crops[ok])
+                # All the photo's boxed cells measure its stain, as smear's detected red cells do.
+                images.append(normalize_cells(crops[ok])[0] if stain_normalize else crops[ok])
                 labels.append(fb.labels[keep][ok])
                 groups += [name] * int(ok.sum())
                 t.advance()
@@ -310,7 +323,9 @@ def adapt(
     set_threads(config.threads)
     torch.manual_seed(config.seed)
     prep = base.meta.prep
-    cells = lab_cells(data=Path(data), annotations=annotations, size=prep.input_size)
+    cells = lab_cells(
+        data=Path(data), annotations=annotations, size=prep.input_size, stain_normalize=config.stain_normalize
+    )
     assign = block_split(cells.groups, val_fraction=config.val_fraction, test_fraction=config.test_fraction)
     part = np.array([assign[g] for g in cells.groups])
     idx = {s: np.nonzero(part == s)[0] for s in SPLITS}
@@ -416,6 +431,7 @@ def adapt(
         operating_points_chosen_on=f"{len(idx['val']):,} cells of the lab's validation photos",
         threshold_method=f"high specificity ({config.target_specificity:.3f}) on the lab's validation photos",
         operating_points=points,
+        stain_normalize=config.stain_normalize,
         adapted={
             "from_run": str(base.path),
             "from_threshold": base.meta.threshold,

@@ -64,6 +64,7 @@ CARD_KEYS = (
     "temperature_fitted_on",
     "tta_threshold",
     "tta_operating_points",
+    "stain_normalize",
     "split_kind",
     "final_fit",
     "cv_estimate",

@@ -543,11 +543,11 @@ def reproduce_cmd(
 
 
 StainNormalizeOpt = Annotated[
-    bool,
+    bool | None,
     typer.Option(
-        "--stain-normalize",
-        help="Move each photo's cells to the NIH training cells' stain before classifying (another lab's photos, "
-        "a model trained on NIH cells; not with an adapted model).",
+        "--stain-normalize/--no-stain-normalize",
+        help="Move each photo's cells to the NIH training cells' stain before classifying (another lab's photos, a "
+        "model trained on NIH cells). Default: the model's choice (on for a model adapted with --stain-normalize).",
     ),
 ]
 OperatingPointOpt = Annotated[
@@ -898,7 +898,7 @@ def smear_cmd(
     workers: Annotated[
         int | None, typer.Option(min=1, help="Photos analysed at once (default: the available cores).")
     ] = None,
-    stain_normalize: StainNormalizeOpt = False,
+    stain_normalize: StainNormalizeOpt = None,
 ) -> None:
     """Find every red blood cell in field photos, classify it, and report parasitemia per photo and per slide.
 
@@ -972,7 +972,7 @@ def smear_eval_cmd(
         str | None, typer.Option(help="Only photos whose name sorts at or after this one (a split of your own).")
     ] = None,
     last: Annotated[str | None, typer.Option(help="Only photos whose name sorts at or before this one.")] = None,
-    stain_normalize: StainNormalizeOpt = False,
+    stain_normalize: StainNormalizeOpt = None,
 ) -> None:
     """Score the smear pipeline against annotated photos: detection, classification, counts and parasitemia."""
     from malaria_cells.boxes import load_annotations
@@ -1022,6 +1022,14 @@ def adapt_cmd(
         float, typer.Option(min=0.5, max=0.9999, help="Specificity of the high-specificity operating point.")
     ] = 0.995,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    stain_normalize: Annotated[
+        bool,
+        typer.Option(
+            "--stain-normalize",
+            help="Move each photo's cells to the NIH cells' stain before training; the adapted model says so, and "
+            "smear then does the same to every photo (photos with --annotations only).",
+        ),
+    ] = False,
 ) -> None:
     """Fine-tune a model on a lab's labelled cells; thresholds chosen on held-out photos of that lab.
 
@@ -1034,7 +1042,7 @@ def adapt_cmd(
 
     cfg = AdaptConfig(
         epochs=epochs, val_fraction=val_fraction, test_fraction=test_fraction,
-        target_specificity=target_specificity, seed=seed,
+        target_specificity=target_specificity, seed=seed, stain_normalize=stain_normalize,
     )  # fmt: skip
     from malaria_cells.backends import SHIPPED_RUN
 

@@ -127,6 +127,8 @@ def onnx_metadata(meta: dict, *, extra: dict | None = None) -> dict[str, object]
         # Test-time augmentation (8 views) has its own thresholds, chosen on out-of-fold predictions of the CV.
         "tta_threshold": meta.get("tta_threshold"),
         "tta_operating_points": meta.get("tta_operating_points"),
+        # A model adapted on stain-normalized lab cells wants field photos' cells normalized the same way (smear).
+        "stain_normalize": bool(meta.get("stain_normalize")),
         "split_kind": meta.get("split_kind"),
         # A final fit has no test patients: its figures are the cross-validation's estimate, carried here.
         "final_fit": bool(meta.get("final_fit")),

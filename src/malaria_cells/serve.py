@@ -753,13 +753,13 @@ async def smear(
         bool, Query(description="Add each cell's classifier input (the cell on black) as a PNG data URL.")
     ] = False,
     stain_normalize: Annotated[
-        bool,
+        bool | None,
         Query(
             description="Move the photo's cells to the NIH training cells' stain before classifying: for another "
             "lab's photos with a model trained on NIH cells (more infected cells found, more false alarms; "
-            "docs/trust.md), never with a model adapted to the lab."
+            "docs/trust.md). Default: the model's choice (on for a model adapted on normalized cells)."
         ),
-    ] = False,
+    ] = None,
 ) -> JSONResponse:
     """Find, classify and count the red blood cells of one field photo."""
     cfg, analyzer = state.config, state.analyzer

@@ -73,6 +73,9 @@ class AdaptJobInfo(BaseModel):
     base_model: str = Field(description="The run folder it started from.")
     data: str = Field(description="What was uploaded: labelled cells or boxed photos, and how many files.")
     epochs: int
+    stain_normalize: bool = Field(
+        False, description="The photos' cells were moved to the NIH cells' stain (and smear will do the same)."
+    )
     error: dict[str, str] | None = Field(None, description="code and message, when failed")
     threshold: float | None = Field(None, description="The adapted model's default (high-specificity) threshold.")
     operating_points: dict[str, float] | None = None
@@ -89,6 +92,7 @@ class _Job:
     described: str
     epochs: int
     base: Path
+    stain_normalize: bool = False
     status: str = "queued"
     created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
     finished: str | None = None
@@ -105,6 +109,7 @@ class _Job:
             base_model=str(self.base),
             data=self.described,
             epochs=self.epochs,
+            stain_normalize=self.stain_normalize,
             error=self.error,
             threshold=r.threshold if r is not None else None,
             operating_points=r.operating_points if r is not None else None,
@@ -211,8 +216,8 @@ class AdaptJobs:
             self._work_dir = Path(tempfile.mkdtemp(prefix="malaria-adapt-"))
         return self._work_dir
 
-    def submit(self, data: bytes, *, epochs: int) -> _Job:
-        """Unpack an upload and start adapting it in the background.
+    def submit(self, data: bytes, *, epochs: int, stain_normalize: bool = False) -> _Job:
+        """Unpack an upload and start adapting it in the background (``stain_normalize``: see ``AdaptConfig``).
 
         Raises:
             AdaptUnavailableError: no base run or no training extra.
@@ -244,7 +249,7 @@ class AdaptJobs:
             except Exception:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
-            job = _Job(job_id, folder, root, annotations, described, epochs, self.base)
+            job = _Job(job_id, folder, root, annotations, described, epochs, self.base, stain_normalize)
             self.jobs[job_id] = job
             self._thread = threading.Thread(target=self._run, args=(job,), name=f"adapt-{job_id}", daemon=True)
             self._thread.start()
@@ -260,7 +265,7 @@ class AdaptJobs:
                 data=job.data,
                 annotations=job.annotations,
                 out=job.folder / "run",
-                config=AdaptConfig(epochs=job.epochs),
+                config=AdaptConfig(epochs=job.epochs, stain_normalize=job.stain_normalize),
             )
             job.status = "done"
         except MalariaCellsError as e:
@@ -288,7 +293,7 @@ def _jobs(request: Request) -> AdaptJobs:
     return request.app.state.adapt_jobs
 
 
-async def start_adapt(request: Request, epochs: int = 8) -> JSONResponse:
+async def start_adapt(request: Request, epochs: int = 8, stain_normalize: bool = False) -> JSONResponse:
     """Start adapting the model to the uploaded labelled cells (the raw request body is the zip)."""
     from starlette.concurrency import run_in_threadpool
 
@@ -296,7 +301,9 @@ async def start_adapt(request: Request, epochs: int = 8) -> JSONResponse:
     if not body:
         raise AdaptUploadError("send the zip as the request body (Content-Type: application/zip)")
     try:
-        job = await run_in_threadpool(lambda: _jobs(request).submit(body, epochs=epochs))
+        job = await run_in_threadpool(
+            lambda: _jobs(request).submit(body, epochs=epochs, stain_normalize=stain_normalize)
+        )
     except AdaptBusyError as e:  # the error body every error has, plus when to come back
         error = {"error": {"code": e.code, "message": e.message}}
         return JSONResponse(error, status_code=e.status, headers={"Retry-After": str(RETRY_AFTER_S)})

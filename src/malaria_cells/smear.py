@@ -267,8 +267,8 @@ class SmearAnalyzer:
             it has one, else its default threshold.
         keep_crops: keep each field's classifier inputs (for contact sheets; costs memory).
         stain_normalize: move each photo's cells to the NIH training cells' stain before classifying them
-            (:mod:`malaria_cells.stain`): for another lab's photos with a model trained on NIH cells, never with a
-            model adapted to the lab.
+            (:mod:`malaria_cells.stain`): for another lab's photos with a model trained on NIH cells. Default: what
+            the model says (``stain_normalize`` in its metadata: set by ``adapt --stain-normalize``, else off).
     """
 
     def __init__(
@@ -279,10 +279,11 @@ class SmearAnalyzer:
         threshold: float | None = None,
         operating_point: str | None = "auto",
         keep_crops: bool = False,
-        stain_normalize: bool = False,
+        stain_normalize: bool | None = None,
     ) -> None:
         self.classifier = classifier or Classifier.load()
-        self.stain_normalize = stain_normalize
+        wants = bool(self.classifier.card.get("stain_normalize"))
+        self.stain_normalize = wants if stain_normalize is None else stain_normalize
         self.detector = detector or Detector()
         points = self.classifier.operating_points
         if operating_point == "auto":
@@ -312,7 +313,7 @@ class SmearAnalyzer:
         threshold: float | None = None,
         operating_point: str | None = None,
         workers: int = 1,
-        stain_normalize: bool = False,
+        stain_normalize: bool | None = None,
     ) -> SmearAnalyzer:
         """Load the models for ``workers`` photos at a time: with several, each model call uses one thread (the
         photos in flight use the cores), else the runtimes' default.
@@ -324,7 +325,8 @@ class SmearAnalyzer:
             operating_point: a named threshold stored with the model (``adapt`` stores "high_specificity",
                 "balanced", "high_sensitivity"); ``threshold`` wins over it.
             workers: photos analysed at once.
-            stain_normalize: move each photo's cells to the NIH training cells' stain (see the class).
+            stain_normalize: move each photo's cells to the NIH training cells' stain (default: the model's choice;
+                see the class).
 
         Returns:
             The analyzer.
@@ -417,7 +419,7 @@ def analyze_smear(
     detector: str | Path | None = None,
     threshold: float | None = None,
     analyzer: SmearAnalyzer | None = None,
-    stain_normalize: bool = False,
+    stain_normalize: bool | None = None,
 ) -> FieldResult:
     """Analyze one field photo: every red cell found, classified and counted.
 
@@ -427,7 +429,8 @@ def analyze_smear(
         detector: the detector ONNX file (default: the shipped one).
         threshold: decision threshold (default: the model's).
         analyzer: an already loaded analyzer (wins over ``model``/``detector``; load once for many photos).
-        stain_normalize: move the photo's cells to the NIH training cells' stain first (another lab's photos).
+        stain_normalize: move the photo's cells to the NIH training cells' stain first (another lab's photos);
+            default: the model's choice.
 
     Returns:
         The field's cells, counts and parasitemia (``result.parasitemia``); ``overlay(result, image)`` draws it.
@@ -436,7 +439,7 @@ def analyze_smear(
         analyzer = SmearAnalyzer(
             classifier=Classifier.load(model), detector=Detector(detector), threshold=threshold, keep_crops=True
         )  # operating point "auto": the model's high-specificity point
-    return analyzer.analyze(image, stain_normalize=stain_normalize or None)
+    return analyzer.analyze(image, stain_normalize=stain_normalize)
 
 
 def group_slides(paths: Iterable[str | Path]) -> list[tuple[str, list[Path]]]:
