@@ -274,6 +274,29 @@ def test_field_photo_mode_on_a_phone(server: str, browser, tmp_path: Path) -> No
     _only_local(requests, server)
 
 
+def test_stain_normalization_box_asks_the_server_for_it(server: str, browser, tmp_path: Path) -> None:
+    photo = field_photo()
+    files = {"file": (photo.name, photo.read_bytes())}
+    api = httpx.post(f"{server}/api/v1/smear?stain_normalize=true", files=files, timeout=60).json()
+    assert api["model"]["stain_normalized"] is True
+    page, requests = _page(browser, server, viewport=PHONE)
+    page.click("#tab-field")
+    box = page.locator("[data-testid=stain-normalize]")
+    assert box.is_visible() and not box.is_checked()  # off unless asked: the model's own choice
+    box.check()
+    page.set_input_files("#photo", str(photo))
+    page.locator("#field-result[data-state=done]").wait_for(timeout=60_000)
+    smear = [r for r in requests if "/api/v1/smear" in r]
+    assert len(smear) == 1 and "stain_normalize=true" in smear[0], smear
+    counts = page.inner_text("[data-testid=counts]")
+    assert f"{api['summary']['infected']} infected of {api['summary']['cells']} counted" in counts, counts
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"page is {overflow}px wider than a phone screen"
+    shot = tmp_path / "field-stain-phone.png"
+    page.screenshot(path=str(shot))
+    print(f"stain option screenshot: {shot}")
+
+
 def test_field_mode_is_kept_in_the_address(server: str, browser) -> None:
     page, _ = _page(browser, f"{server}/#field")
     assert page.locator("#mode-field").is_visible()

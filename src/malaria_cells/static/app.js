@@ -301,7 +301,9 @@ async function analyse(files) {
   let body;
   try {
     // JPEG overlay: about a fifth of the PNG's bytes, which matters on a phone's connection.
-    body = await post("/api/v1/smear?overlay=true&overlay_format=jpeg", form, "field-status");
+    // Unticked sends nothing: the model's own choice (on for a model adapted on stain-normalized cells).
+    const stain = $("stain-normalize").checked ? "&stain_normalize=true" : "";
+    body = await post(`/api/v1/smear?overlay=true&overlay_format=jpeg${stain}`, form, "field-status");
   } catch (e) {
     body = { error: { message: `request failed (${e.message})` } };
   }
