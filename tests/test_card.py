@@ -101,6 +101,11 @@ def test_model_card_goes_into_the_run_and_never_touches_the_shipped_card(tmp_pat
     stain = json.loads((REPO / "benchmarks/results/stain_shift.json").read_text())
     ood = json.loads((REPO / "benchmarks/results/ood_bank.json").read_text())
     assert stain["command"] in card and "benchmarks/results/stain_shift.json" in card
+    # The high-specificity point, as is and with --stain-normalize (a tiny run has no entry: the shipped model's).
+    normalized = json.loads((REPO / "benchmarks/results/stain_shift_normalized.json").read_text())
+    pale = normalized["results"]["models/default.onnx"]["pale"]["high_specificity"]
+    assert f"| pale, each photo's cells stain-normalized | {pale['threshold']:.3f} |" in card
+    assert normalized["command"] in card
     assert f"**{ood['results']['bank_total']['flagged']} / {ood['results']['bank_total']['inputs']}**" in card
     assert "grayscale" in card and "Loose crops" in card and "malaria-cells smear" in card
     assert "MIT" in card and "public domain" in card and "10.7717/peerj.4568" in card

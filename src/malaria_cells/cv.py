@@ -150,7 +150,7 @@ CV_ROWS: tuple[CvRow, ...] = (
     ),
 )
 # Dependency order is added by rows_by_key; trained rows first in this order, so an interrupted CV has the shipped
-# recipe's row complete first. The slim network is not a default: the 48 px network already runs at 11,099 cells/s
+# recipe's row complete first. The slim network is not a default: the 48 px network already runs at 10,300 cells/s
 # int8 (benchmarks/inference_matrix.py, target 5,000), so its five distilled folds (~40 min on 2 cores) would buy
 # speed nobody needs; `--rows custom-cnn-slim-48-distilled-tta` measures it.
 DEFAULT_ROWS = (
