@@ -3,7 +3,7 @@
 1. Stages, one thread, one photo at a time (medians over the photos): decode (JPEG -> RGB), detection, cropping
    (masks + training form), classification.
 2. End to end (``smear.iter_fields``: decode + detect + crop + classify, nothing written), 1 and 2 photos at a time,
-   interleaved rounds, median rates.
+   and 2 at a time with ``--stain-normalize``, interleaved rounds, median rates.
 3. The per-cell-file path beside it, in the same run: as many NIH cell files as the photos held cells, classified
    by ``Classifier.iter_predict`` (read + decode + letterbox + model) with both cores.
 4. Memory: ``malaria-cells smear`` (overlays and tables written) on a folder of 100 and of 1,000 photos (the
@@ -34,8 +34,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def stages(analyzer: SmearAnalyzer, photos: list[Path]) -> dict[str, float]:
     """Median ms per photo of each stage, one thread."""
     from malaria_cells.predict import to_image
+    from malaria_cells.stain import normalize_cells
 
-    t: dict[str, list[float]] = {"decode": [], "detect": [], "crop": [], "classify": []}
+    t: dict[str, list[float]] = {"decode": [], "detect": [], "crop": [], "classify": [], "stain_normalize": []}
     cells = []
     for p in photos:
         t0 = time.perf_counter()
@@ -47,11 +48,14 @@ def stages(analyzer: SmearAnalyzer, photos: list[Path]) -> dict[str, float]:
         t3 = time.perf_counter()
         analyzer.classifier.predict_prepared(crops[ok])
         t4 = time.perf_counter()
-        for k, a, b in (("decode", t0, t1), ("detect", t1, t2), ("crop", t2, t3), ("classify", t3, t4)):
+        normalize_cells(crops[ok])  # --stain-normalize only: timed apart, not in the total
+        t5 = time.perf_counter()
+        spans = (("decode", t0, t1), ("detect", t1, t2), ("crop", t2, t3), ("classify", t3, t4))
+        for k, a, b in (*spans, ("stain_normalize", t4, t5)):
             t[k].append(1000 * (b - a))
         cells.append(len(det))
     out = {f"{k}_ms": float(np.median(v)) for k, v in t.items()}
-    out["total_ms"] = sum(out.values())
+    out["total_ms"] = sum(v for k, v in out.items() if k != "stain_normalize_ms")
     out["cells_per_photo"] = float(np.mean(cells))
     return out
 
@@ -95,12 +99,15 @@ def main() -> None:
     print("stages (ms per photo, one thread):", {k: round(v, 1) for k, v in results["stages_one_thread"].items()})
 
     two = SmearAnalyzer.load(workers=2)
+    two_norm = SmearAnalyzer.load(workers=2, stain_normalize=True)
     n_cells = sum(len(r.cells) for r in iter_fields(one, photos))  # also warms both analyzers' caches
     list(iter_fields(two, photos[:4], workers=2))
+    list(iter_fields(two_norm, photos[:4], workers=2))
     rates = interleaved_rates(
         {
             "1 photo at a time": lambda: list(iter_fields(one, photos)),
             "2 photos at a time": lambda: list(iter_fields(two, photos, workers=2)),
+            "2 photos at a time, --stain-normalize": lambda: list(iter_fields(two_norm, photos, workers=2)),
         },
         len(photos),
         args.repeat,
