@@ -238,8 +238,8 @@ def train_speed(files: list[Result]) -> list[str]:
             ]
         )
         cmd = f"python benchmarks/train_speed.py --model {d['model']} --batch {d['batch']} --rounds {rounds}"
-        if d.get("device", "cpu") != "cpu":
-            cmd += f" --size {d['input_size']} --device {d['device']} (bash benchmarks/gpu_check.sh)"
+        if d.get("device", "cpu") != "cpu":  # the command as run by benchmarks/gpu_check.sh (its --out was a temp dir)
+            cmd = f"{d.command} (bash benchmarks/gpu_check.sh)"
         sources.append(f"- `{cmd}` → `{d.path.name}` · {provenance(d)}")
     out = ["#### Training speed: fp32 vs bf16 autocast (scratch training step)", ""]
     out += table(["Model", "Input", "Batch", "Device", "fp32 images/s", "bf16 images/s", "bf16 / fp32"], rows)

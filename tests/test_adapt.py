@@ -153,7 +153,7 @@ def test_adapt_command_starts_from_the_shipped_model_by_default(tmp_path, share)
     assert (out / "model.onnx").is_file()
 
 
-def test_adapt_on_normalized_cells_makes_smear_normalize_too(tmp_path, small_run):
+def test_adapt_on_normalized_cells_makes_smear_normalize_too(tmp_path, small_run, caplog):
     from malaria_cells.adapt import lab_cells
     from malaria_cells.errors import ConfigError
     from malaria_cells.predict import Classifier
@@ -168,10 +168,20 @@ def test_adapt_on_normalized_cells_makes_smear_normalize_too(tmp_path, small_run
     with pytest.raises(ConfigError, match="needs field photos"):
         lab_cells(data=photos, annotations=None, size=32, stain_normalize=True)
     cfg = AdaptConfig(epochs=1, batch_size=16, val_fraction=0.3, test_fraction=0.2, threads=1, stain_normalize=True)
+    # A final-fit base (the shipped model is one): its NIH CV estimate and TTA thresholds must not pass to the lab's.
+    base = Run.open(small_run)
+    nih_only = dict(final_fit=True, cv_estimate={"n": 1}, tta_threshold=0.5, tta_operating_points={"balanced": 0.5})
+    base.save_meta({**base.meta.to_dict(), **nih_only})
     result = adapt(run=small_run, data=photos, annotations=ann, out=tmp_path / "adapted", config=cfg, n_boot=20)
-    assert Run.open(result.out).meta.to_dict()["stain_normalize"] is True
+    adapted = Run.open(result.out).meta.to_dict()
+    assert adapted["stain_normalize"] is True
+    assert not {"final_fit", "cv_estimate", "tta_threshold", "tta_operating_points"} & set(adapted)
     clf = Classifier.load(result.onnx)
     assert clf.card["stain_normalize"] is True  # it travels in the ONNX file
+    assert not clf.card["final_fit"] and clf.card.get("tta_threshold") is None
     assert SmearAnalyzer(classifier=clf).stain_normalize  # and smear follows it unless told otherwise
     assert not SmearAnalyzer(classifier=clf, stain_normalize=False).stain_normalize
     assert not SmearAnalyzer(classifier=Classifier.load()).stain_normalize  # the shipped model: off
+    with caplog.at_level("WARNING", logger="malaria_cells.predict"):
+        clf.predict(first[0])  # a single cell cannot be normalized: predict says the model is meant for smear
+    assert "meant for `smear`" in caplog.text

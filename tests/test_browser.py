@@ -282,7 +282,7 @@ def test_stain_normalization_box_asks_the_server_for_it(server: str, browser, tm
     page, requests = _page(browser, server, viewport=PHONE)
     page.click("#tab-field")
     box = page.locator("[data-testid=stain-normalize]")
-    assert box.is_visible() and not box.is_checked()  # off unless asked: the model's own choice
+    assert box.is_visible() and not box.is_checked()  # the served model's own choice: off
     box.check()
     page.set_input_files("#photo", str(photo))
     page.locator("#field-result[data-state=done]").wait_for(timeout=60_000)

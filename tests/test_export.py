@@ -219,3 +219,7 @@ def test_int8_export_of_a_final_fit_checks_on_uncalibrated_training_cells(base: 
     n_train = len(Run.open(final).split().assignment)
     assert q["test_images"] == min(E.FINAL_FIT_CHECK_IMAGES, n_train - 16) > 0
     assert _metadata(tmp_path / "q.onnx")["quantization"]["check_images"].startswith("training cells")
+    with pytest.raises(E.ExportError, match="none left to check"):  # every training cell went to calibration
+        E.export_run(run_dir=final, out=tmp_path / "x.onnx", int8=True, data_dir=data, cache_dir=str(cache),
+                     calibration_images=10**6)  # fmt: skip
+    assert not (tmp_path / "x.onnx").exists()

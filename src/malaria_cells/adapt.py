@@ -422,7 +422,10 @@ def adapt(
             "after, balanced point chosen on lab val": _scores(yt, after_test, gt, points["balanced"], n_boot),
         }
     meta = base.meta.to_dict()
-    meta.pop("temperature_fitted_on", None)
+    # What described the base and is not true of the adapted model: its calibration, its NIH cross-validation estimate
+    # and final-fit status, and its TTA thresholds (chosen on NIH out-of-fold predictions, not on this lab's cells).
+    for key in ("temperature_fitted_on", "final_fit", "cv_estimate", "tta_threshold", "tta_operating_points"):
+        meta.pop(key, None)
     if "output" in meta:
         meta["output"] = "one logit; sigmoid(logit) = P(Parasitized)"
     meta.update(

@@ -265,6 +265,8 @@ def _failure_modes(root: Path, run_dir: Path, onnx_paths: list[Path]) -> list[st
         lines += [""]
         normalized = _read_result(root, STAIN_NORMALIZED)
         norm_entry = _stain_entry(normalized, run_dir, onnx_paths, root) if normalized else None
+        if norm_entry and norm_entry[0] != key:
+            norm_entry = None  # that file measured another model (the fallback to the shipped one): not this card's
         rows = [("", e)]
         if norm_entry:
             rows.append(("each photo's cells stain-normalized", norm_entry[1]))

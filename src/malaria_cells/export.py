@@ -214,19 +214,25 @@ def _split_images(
         if data_dir is None and meta.get("data_root") and Path(meta["data_root"]).exists():
             data_dir = Path(meta["data_root"])
         found = scan(resolve_data_dir(data_dir))
-        has_test = "test" in Run.open(run_dir).split().assignment.values()  # a final fit has none
-        test_images = select_images(run_dir=run_dir, images=found.images, split="test")[0] if has_test else []
+        held_out = set(Run.open(run_dir).split().assignment.values())  # a final fit has neither test nor val
+        which = "test" if "test" in held_out else "val" if "val" in held_out else None
+        test_images = select_images(run_dir=run_dir, images=found.images, split=which)[0] if which else []
         train_images, _ = select_images(run_dir=run_dir, images=found.images, split="train")
     except (DataError, ValueError, FileNotFoundError) as e:
         log.warning("no data for the checks (%s); parity uses synthetic images", e)
         return _SplitData(None, None, None)
     rng = np.random.default_rng(0)
     pick = rng.choice(len(train_images), size=min(need_calibration, len(train_images)), replace=False)
-    source = "test split"
+    source = "test split" if which == "test" else "validation split (the run has no test split)"
     if not test_images:
         # A final fit trained on every patient: the export is checked on training cells the int8 calibration did not
         # use. That measures fidelity to the fp32 model (parity, int8 drop), not accuracy on new patients.
         rest = np.setdiff1d(np.arange(len(train_images)), pick)
+        if not len(rest):
+            raise ExportError(
+                f"a final fit of {len(train_images)} cells has none left to check the export on after "
+                f"{len(pick)} calibration images: lower --calibration-images"
+            )
         chosen = np.sort(rng.choice(rest, size=min(FINAL_FIT_CHECK_IMAGES, len(rest)), replace=False))
         test_images = [train_images[i] for i in chosen]
         source = "training cells (final fit: no test split)"

@@ -367,6 +367,13 @@ def exact_fp32(precision: str, device: torch.device):
     with it off, torch and ONNX agree as they do on the CPU. Training keeps torch's default (TF32 is fast and its
     rounding is far below the noise of SGD). A no-op on the CPU and for bf16. The flag is process-wide, so concurrent
     CUDA fp32 predictions (serve's threads) take turns.
+
+    Args:
+        precision: the resolved precision of the forward pass ("fp32" or "bf16").
+        device: where it runs.
+
+    Yields:
+        Nothing: the forward pass runs inside.
     """
     if device.type != "cuda" or precision != "fp32":
         yield

@@ -12,6 +12,7 @@ csv, jsonl, json) is the command line's business (:mod:`malaria_cells.render`).
 from __future__ import annotations
 
 import collections
+import logging
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -50,6 +51,8 @@ from malaria_cells.preprocess import (
     to_rgb,
 )
 from malaria_cells.progress import available_cores, workers
+
+log = logging.getLogger(__name__)
 
 # The model's names are re-exported (callers knew them here and catch predict.ModelError).
 __all__ = [
@@ -430,6 +433,14 @@ class Classifier:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        if self.card.get("stain_normalize"):
+            # Adapted on field-photo cells moved to the NIH stain: `smear` does that per photo; single cells cannot
+            # be (no photo to measure the stain on), so here they keep their own colours, which the model never saw.
+            log.warning(
+                "%s was adapted on stain-normalized field-photo cells and is meant for `smear` on whole photos: "
+                "single cells are classified in their own colours",
+                self.source,
+            )
         batch = np.zeros((batch_size, self.prep.input_size, self.prep.input_size, 3), dtype=np.uint8)
         chunks = _chunked(images, names, batch_size)
         if self.decode_processes < 1:

@@ -217,7 +217,15 @@ class AdaptJobs:
         return self._work_dir
 
     def submit(self, data: bytes, *, epochs: int, stain_normalize: bool = False) -> _Job:
-        """Unpack an upload and start adapting it in the background (``stain_normalize``: see ``AdaptConfig``).
+        """Unpack an upload and start adapting it in the background.
+
+        Args:
+            data: the zip (labelled cells, or boxed photos with their annotations).
+            epochs: fine-tuning epochs, 1-50.
+            stain_normalize: photos only: train on cells moved to the NIH stain (see ``AdaptConfig``).
+
+        Returns:
+            The queued job.
 
         Raises:
             AdaptUnavailableError: no base run or no training extra.

@@ -3,12 +3,13 @@
 Another lab's Giemsa differs from the NIH slides as a whole: paler, more magenta, another white balance. Within one
 photo every red cell shares that shift, so the photo's cells, taken together, measure it: :func:`normalize_cells`
 moves the mean and spread of their stained pixels in CIELAB to those of the NIH training cells
-(:data:`REFERENCE`), channel by channel, and leaves the black background black. The cells keep their differences
+(:func:`load_reference`), channel by channel, and leaves the black background black. The cells keep their differences
 from each other (a parasite stays darker than its neighbours); only the photo's overall stain moves.
 
 It needs many cells (one photo's worth): a crop alone would be normalized onto itself, and a photo of only infected
-cells would lose part of what makes them look infected. It is for models trained on NIH-coloured cells; a model
-adapted to a lab (``adapt``) already reads that lab's colours and must not get it.
+cells would lose part of what makes them look infected. It is for models trained on NIH-coloured cells, and for models
+adapted to a lab on normalized cells (``adapt --stain-normalize``, which records it in the model); a model adapted on
+the lab's raw colours already reads them and must not get it.
 
 The reference is made by ``python benchmarks/stain_reference.py`` from NIH training patients' cells. NumPy only.
 """
@@ -25,6 +26,12 @@ import numpy as np
 REFERENCE_FILE = Path(__file__).resolve().parent / "stain_reference.json"
 BLACK = 20  # 0-255: a pixel whose brightest channel is at most this is background (as ood.BLACK)
 MIN_PIXELS = 2000  # stained pixels below which a photo's statistics are too few to move it (~3 cells at 48 px)
+# A channel whose spread over the photo's cells is below MIN_SPREAD (CIELAB units) is only shifted, never scaled: grey
+# cells have a*, b* spreads of float rounding (~1e-4), which scaling would blow up into random colour. Otherwise the
+# gain is at most MAX_GAIN: the development photos need up to 5.5 as photographed and ~9 made pale (b*, the spread
+# of a pale stain's yellow-blue axis is small).
+MIN_SPREAD = 0.5
+MAX_GAIN = 16.0
 
 # sRGB (D65) <-> CIE XYZ <-> CIELAB, as in scikit-image's rgb2lab / lab2rgb.
 _RGB_TO_XYZ = np.array(
@@ -106,7 +113,14 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
 
 
 def stained(crops: np.ndarray) -> np.ndarray:
-    """bool (...): the pixels of letterboxed cells (uint8 (..., 3)) that are not black background."""
+    """Which pixels of letterboxed cells are not black background.
+
+    Args:
+        crops: uint8 (..., 3).
+
+    Returns:
+        bool (...).
+    """
     # Three comparisons, not max(axis=-1): numpy reduces a length-3 last axis ~5x slower.
     return (crops[..., 0] > BLACK) | (crops[..., 1] > BLACK) | (crops[..., 2] > BLACK)
 
@@ -128,7 +142,12 @@ def fit_reference(crops: np.ndarray, *, source: str = "") -> StainReference:
 
 
 def save_reference(ref: StainReference, path: Path = REFERENCE_FILE) -> None:
-    """Write a reference as JSON (the package's own by default)."""
+    """Write a reference as JSON, atomically.
+
+    Args:
+        ref: the reference.
+        path: where (default: the package's own ``stain_reference.json``).
+    """
     from malaria_cells.io import atomic_write_json
 
     atomic_write_json(path, {"mean": ref.mean, "std": ref.std, "cells": ref.cells, "source": ref.source})
@@ -136,7 +155,14 @@ def save_reference(ref: StainReference, path: Path = REFERENCE_FILE) -> None:
 
 @lru_cache(maxsize=4)
 def load_reference(path: Path = REFERENCE_FILE) -> StainReference:
-    """The reference stored with the package (or another file)."""
+    """Read a reference.
+
+    Args:
+        path: a file written by :func:`save_reference` (default: the package's own).
+
+    Returns:
+        The reference (cached per path).
+    """
     d = json.loads(Path(path).read_text(encoding="utf-8"))
     return StainReference(tuple(d["mean"]), tuple(d["std"]), int(d.get("cells", 0)), str(d.get("source", "")))
 
@@ -164,7 +190,8 @@ def normalize_cells(
     # and a spread, at a quarter of the cost).
     for i, ch in enumerate(lab):
         sample = ch[::4].astype(np.float64)
-        k = reference.std[i] / max(float(sample.std()), 1e-6)
+        spread = float(sample.std())
+        k = min(reference.std[i] / spread, MAX_GAIN) if spread >= MIN_SPREAD else 1.0
         lab[i] = (ch - np.float32(sample.mean())) * np.float32(k) + np.float32(reference.mean[i])
     out = np.zeros_like(crops)
     rgb = _from_lab(lab)

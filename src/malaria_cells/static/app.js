@@ -41,6 +41,8 @@ async function loadModel() {
       `Model: ${card.model} (${card.backend}${q}) · Parasitized when P ≥ ${Number(card.threshold_in_use ?? card.threshold).toFixed(3)}` +
       (HEATMAPS[card.heatmap_method] ? ` · heatmaps: ${HEATMAPS[card.heatmap_method].name}` : "") +
       (card.detector ? ` · cell detector ${card.detector.source}` : "");
+    // A model adapted on stain-normalized cells wants it: the box starts ticked (and can be unticked).
+    $("stain-normalize").checked = Boolean(card.stain_normalize);
   } catch (e) {
     $("model").textContent = `Model information unavailable (${e.message}).`;
   }
@@ -301,8 +303,8 @@ async function analyse(files) {
   let body;
   try {
     // JPEG overlay: about a fifth of the PNG's bytes, which matters on a phone's connection.
-    // Unticked sends nothing: the model's own choice (on for a model adapted on stain-normalized cells).
-    const stain = $("stain-normalize").checked ? "&stain_normalize=true" : "";
+    // The box starts at the model's own choice (ticked for a model adapted on stain-normalized cells).
+    const stain = `&stain_normalize=${$("stain-normalize").checked}`;
     body = await post(`/api/v1/smear?overlay=true&overlay_format=jpeg${stain}`, form, "field-status");
   } catch (e) {
     body = { error: { message: `request failed (${e.message})` } };
