@@ -209,11 +209,25 @@ def test_contact_sheet_keeps_the_most_confident_when_full(iml, tmp_path, monkeyp
     # Full after one cell, so the replace path runs with any model that calls two or more cells in these photos
     # (the shipped model at its high-specificity point calls 2).
     monkeypatch.setattr(smear, "SHEET_CELLS", 1)
+    import malaria_cells.overlay as overlay_module
+
+    drawn: list[list[str]] = []
+    real_sheet = overlay_module.contact_sheet
+
+    def spy(crops, captions, **kw):  # the real drawing, with a note of which cells it was given
+        drawn.append(list(captions))
+        return real_sheet(crops, captions, **kw)
+
+    monkeypatch.setattr(overlay_module, "contact_sheet", spy)  # run_smear imports it when it draws
     photos = [iml / "fields" / n for n in ("PA171700.JPG", "PA171710.JPG")]
     run = smear.run_smear([("s", photos)], out=tmp_path, analyzer=analyzer, overlays=False)
     rows = list(csv.DictReader((tmp_path / "cells.csv").open()))
-    called = sorted((float(r["prob_parasitized"]) for r in rows if r["label"] == "Parasitized"), reverse=True)
+    called = sorted(
+        ((float(r["prob_parasitized"]), r) for r in rows if r["label"] == "Parasitized"), key=lambda t: -t[0]
+    )
     assert len(called) > 1 and run.photos == 2
+    best = called[0][1]  # the one cell kept is the most confident of all, whichever photo it came from
+    assert drawn == [[f"{Path(best['image']).stem}#{best['cell']} {float(best['prob_parasitized']):.2f}"]]
     with Image.open(tmp_path / "infected_cells.png") as im:
         assert im.height < 2 * (96 + 16) + 24  # one row: the one cell kept
 
