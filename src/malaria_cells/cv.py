@@ -81,8 +81,9 @@ class CvRow:
         return not self.members
 
 
-# The shipped recipe (custom CNN, 48 px, strong stain jitter, fp32) and what it is compared with. fp32 everywhere:
-# bf16 is emulated on some CPUs and changes results slightly; one precision keeps the rows comparable. No early
+# The base recipe (custom CNN, 48 px, strong stain jitter, fp32; shipped until the distilled final fit) and what it is
+# compared with. fp32 everywhere: bf16 is emulated on some CPUs and changes results slightly; one precision keeps the
+# rows comparable. No early
 # stopping (patience = epochs): on 22-patient validation folds the val AUC wanders by ±0.003 from epoch to epoch, and
 # patience 5 stopped a fold at epoch 8 with its best at epoch 3, still at a high learning rate; the cosine schedule
 # now runs to its end and the best val-AUC epoch is kept.
@@ -95,7 +96,7 @@ _CNN = {
     "precision": "fp32",
 }
 CV_ROWS: tuple[CvRow, ...] = (
-    CvRow("custom-cnn-48", "Custom CNN, 48 px (shipped recipe)", {**_CNN, "input_size": 48}),
+    CvRow("custom-cnn-48", "Custom CNN, 48 px (base recipe)", {**_CNN, "input_size": 48}),
     CvRow("custom-cnn-48-tta", "Custom CNN, 48 px + 8-view TTA", members=("custom-cnn-48",), tta=True),
     CvRow("custom-cnn-64", "Custom CNN, 64 px", {**_CNN, "input_size": 64}),
     CvRow("custom-cnn-64-tta", "Custom CNN, 64 px + 8-view TTA", members=("custom-cnn-64",), tta=True),
