@@ -83,10 +83,9 @@ class CvRow:
 
 # The base recipe (custom CNN, 48 px, strong stain jitter, fp32; shipped until the distilled final fit) and what it is
 # compared with. fp32 everywhere: bf16 is emulated on some CPUs and changes results slightly; one precision keeps the
-# rows comparable. No early
-# stopping (patience = epochs): on 22-patient validation folds the val AUC wanders by ±0.003 from epoch to epoch, and
-# patience 5 stopped a fold at epoch 8 with its best at epoch 3, still at a high learning rate; the cosine schedule
-# now runs to its end and the best val-AUC epoch is kept.
+# rows comparable. No early stopping (patience = epochs): on 22-patient validation folds the val AUC wanders by
+# ±0.003 from epoch to epoch, and patience 5 stopped a fold at epoch 8 with its best at epoch 3, still at a high
+# learning rate; the cosine schedule now runs to its end and the best val-AUC epoch is kept.
 _CNN = {
     "model": "custom-cnn",
     "strategy": "scratch",
