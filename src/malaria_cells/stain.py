@@ -23,8 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+# The background rule of the out-of-distribution check: a pixel whose brightest channel is at most BLACK (0-255).
+from malaria_cells.ood import BLACK
+
 REFERENCE_FILE = Path(__file__).resolve().parent / "stain_reference.json"
-BLACK = 20  # 0-255: a pixel whose brightest channel is at most this is background (as ood.BLACK)
 MIN_PIXELS = 2000  # stained pixels below which a photo's statistics are too few to move it (~3 cells at 48 px)
 # A channel whose spread over the photo's cells is below MIN_SPREAD (CIELAB units) is only shifted, never scaled: grey
 # cells have a*, b* spreads of float rounding (~1e-4), which scaling would blow up into random colour. Otherwise the
