@@ -217,7 +217,9 @@ def _split_images(
         held_out = set(Run.open(run_dir).split().assignment.values())  # a final fit has neither test nor val
         which = "test" if "test" in held_out else "val" if "val" in held_out else None
         test_images = select_images(run_dir=run_dir, images=found.images, split=which)[0] if which else []
-        train_images, _ = select_images(run_dir=run_dir, images=found.images, split="train")
+        # Training cells only where they are used: int8 calibration, or a final fit's check images.
+        need_train = need_calibration or not test_images
+        train_images = select_images(run_dir=run_dir, images=found.images, split="train")[0] if need_train else []
     except (DataError, ValueError, FileNotFoundError) as e:
         log.warning("no data for the checks (%s); parity uses synthetic images", e)
         return _SplitData(None, None, None)
