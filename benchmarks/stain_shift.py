@@ -8,10 +8,15 @@ magenta (saturation x2.2, red and blue x1.08, green x0.85); pale (saturation x0.
 threshold and at its high-specificity operating point (where it has one: the point `smear` screens with), ROC-AUC,
 and the specificity at which 85 % of infected cells are still found; 95 % intervals resample photos. No photo of the
 other lab was used to train these models. ``--stain-normalize`` first moves each photo's cells to the NIH training
-cells' stain (as ``smear --stain-normalize``); the NIH cells are never normalized. A final-fit model (trained on
-every NIH patient) saw the NIH validation cells: its NIH column is then marked as such and means nothing.
+cells' stain (as ``smear --stain-normalize``; without it, each model's own choice: a model adapted with
+``--stain-normalize`` normalizes); the NIH cells are never normalized. ``--first NAME`` keeps the photos from NAME on
+(sorted), e.g. the test photos of ``adapt``'s split, to score adapted models on photos they never saw. A final-fit
+model (trained on every NIH patient) saw the NIH validation cells: its NIH column is then marked as such and means
+nothing.
 
     python benchmarks/stain_shift.py --models models/default.onnx runs/custom-cnn-48-stain/model.onnx
+    python benchmarks/stain_shift.py --first PA171785.JPG --models models/default.onnx runs/adapt-iml-final/model.onnx \
+        runs/adapt-iml-final-norm/model.onnx --out benchmarks/results/stain_shift_adapted.json
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ def main() -> None:
     ap.add_argument("--iml", type=Path, default=Path("../shared/iml-malaria"))
     ap.add_argument("--data", type=Path, default=Path("../shared/nih-cell-images"))
     ap.add_argument("--every", type=int, default=1, help="every N-th development photo")
+    ap.add_argument("--first", default=None, help="only the photos from this name on (sorted)")
     ap.add_argument("--nih-cells", type=int, default=2000)
     ap.add_argument("--n-boot", type=int, default=500)
     ap.add_argument(
@@ -71,7 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     machine = machine_info(("malaria-cells", "numpy", "onnxruntime"))
     boxes = load_annotations(args.iml / "annotations.json")
-    names = sorted(boxes)[:: args.every]
+    names = sorted(n for n in boxes if args.first is None or n >= args.first)[:: args.every]
     photos = {n: np.asarray(Image.open(args.iml / "fields" / n).convert("RGB")) for n in names}
     found = scan(args.data)
     split = make_split(found.images, kind="patient", val_fraction=0.15, test_fraction=0.15, seed=0)
@@ -81,8 +87,9 @@ def main() -> None:
     results: dict = {}
     for model in args.models:
         clf = Classifier.load(model)
-        analyzer = SmearAnalyzer(classifier=clf, stain_normalize=args.stain_normalize)
-        row: dict = {"threshold": clf.threshold}
+        # None: the model's own choice (an adapted model records whether it was trained on normalized cells)
+        analyzer = SmearAnalyzer(classifier=clf, stain_normalize=True if args.stain_normalize else None)
+        row: dict = {"threshold": clf.threshold, "stain_normalized": analyzer.stain_normalize}
         p_nih = np.array([p.probability for p in clf.predict(nih)])
         row["nih_validation"] = M.binary_metrics(y_nih, p_nih, clf.threshold)
         row["nih_validation_seen_in_training"] = bool(clf.card.get("final_fit"))
@@ -130,6 +137,7 @@ def main() -> None:
         params={
             "photos": len(names),
             "every": args.every,
+            "first": args.first,
             "conditions": CONDITIONS,
             "nih_cells": len(y_nih),
             "stain_normalize": args.stain_normalize,

@@ -94,6 +94,11 @@ def test_adapt_writes_a_run_with_operating_points_and_a_report(tmp_path, small_r
     assert "after, high-specificity point chosen on lab val" in test
     for m in test.values():
         assert m["photos"] == 2 and 0 <= m["roc_auc"]["value"] <= 1
+    read_off = result.report["test_roc_read_off"]
+    assert set(read_off) == {"before", "after"}
+    for r in read_off.values():
+        assert set(r) == {"specificity_at_sensitivity_0.9", "sensitivity_at_specificity_0.995"}
+        assert all(0 <= v <= 1 for v in r.values())
     # the adapted model loads like any other: predict and smear take it
     from malaria_cells.predict import Classifier
 
@@ -184,4 +189,17 @@ def test_adapt_on_normalized_cells_makes_smear_normalize_too(tmp_path, small_run
     assert not SmearAnalyzer(classifier=Classifier.load()).stain_normalize  # the shipped model: off
     with caplog.at_level("WARNING", logger="malaria_cells.predict"):
         clf.predict(first[0])  # a single cell cannot be normalized: predict says the model is meant for smear
-    assert "meant for `smear`" in caplog.text
+    assert "meant for smear" in caplog.text
+    assert Classifier.load().single_cell_warning is None  # the shipped model: no such warning
+    # REST says it too, in the answer (the shipped model's answers carry no "warning")
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from malaria_cells.serve import create_app
+
+    png = io.BytesIO()
+    Image.fromarray(first[0]).save(png, format="PNG")
+    with TestClient(create_app(model=result.onnx), base_url="http://127.0.0.1") as client:
+        r = client.post("/api/v1/predict", files=[("files", ("cell.png", png.getvalue(), "image/png"))])
+    assert r.status_code == 200 and "meant for smear" in r.json()["warning"]

@@ -219,6 +219,12 @@ def test_int8_export_of_a_final_fit_checks_on_uncalibrated_training_cells(base: 
     n_train = len(Run.open(final).split().assignment)
     assert q["test_images"] == min(E.FINAL_FIT_CHECK_IMAGES, n_train - 16) > 0
     assert _metadata(tmp_path / "q.onnx")["quantization"]["check_images"].startswith("training cells")
+    # the check cells are not the calibration cells: no image is in both (pixels compared, as the export sees them)
+    meta = Run.open(final).meta.to_dict()
+    sd = E._split_images(run_dir=final, meta=meta, data_dir=data, need_calibration=16, cache_dir=str(cache))
+    assert sd.calibration is not None and sd.test is not None and len(sd.calibration) == 16
+    calibrated = {im.tobytes() for im in sd.calibration}
+    assert len(calibrated) == 16 and not calibrated & {im.tobytes() for im in sd.test}
     with pytest.raises(E.ExportError, match="none left to check"):  # every training cell went to calibration
         E.export_run(run_dir=final, out=tmp_path / "x.onnx", int8=True, data_dir=data, cache_dir=str(cache),
                      calibration_images=10**6)  # fmt: skip

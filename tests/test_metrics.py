@@ -25,6 +25,8 @@ from malaria_cells.metrics import (
     paired_difference_ci,
     per_patient_table,
     reliability_curve,
+    sensitivity_at_specificity,
+    specificity_at_sensitivity,
 )
 
 NAN = float("nan")
@@ -544,3 +546,18 @@ def test_predictive_values_at_stated_prevalence_by_hand():
     assert abs(v["npv"] - 980.1 / (980.1 + 1)) < 1e-12
     assert predictive_values(0.9, 0.99, 0.5)["ppv"] > 0.98
     assert np.isnan(predictive_values(0.0, 1.0, 0.01)["ppv"])  # nothing called: undefined
+
+
+def test_roc_read_offs_by_hand() -> None:
+    # positives 0.9 0.8 0.6 0.3; negatives 0.1 0.2 0.4 0.7 0.85
+    y = [1, 1, 1, 1, 0, 0, 0, 0, 0]
+    p = [0.9, 0.8, 0.6, 0.3, 0.1, 0.2, 0.4, 0.7, 0.85]
+    assert specificity_at_sensitivity(y, p, 1.0) == 0.4  # t = 0.3: 0.1, 0.2 below
+    assert specificity_at_sensitivity(y, p, 0.75) == 0.6  # t = 0.6
+    assert specificity_at_sensitivity(y, p, 0.5) == 0.8  # t = 0.8
+    assert sensitivity_at_specificity(y, p, 1.0) == 0.25  # above 0.85: only 0.9
+    assert sensitivity_at_specificity(y, p, 0.8) == 0.5  # above 0.7
+    assert sensitivity_at_specificity(y, p, 0.6) == 0.75  # above 0.4
+    assert sensitivity_at_specificity(y, p, 0.1) == 1.0  # above 0.1
+    with pytest.raises(ValueError):
+        specificity_at_sensitivity([1, 1], [0.2, 0.3], 0.9)

@@ -19,6 +19,9 @@ from malaria_cells.errors import MalariaCellsError
 UNINFECTED_TYPES = frozenset({"red blood cell", "uninfected", "rbc"})
 INFECTED_TYPES = frozenset({"ring", "trophozoite", "schizont", "gametocyte", "parasitized", "infected"})
 IGNORED_TYPES = frozenset({"difficult"})
+# Annotators of crowded fields skip whole cells. A detection overlapping no annotated box by at least this IoU (0-1)
+# lies where nobody boxed cells: precision "where cells are boxed" leaves it out (it cannot be judged).
+BOXED_IOU = 0.1
 
 
 class AnnotationError(MalariaCellsError, ValueError):
@@ -107,6 +110,22 @@ def load_annotations(path: str | Path) -> dict[str, FieldBoxes]:
         return out
     except (KeyError, TypeError, ValueError) as e:
         raise AnnotationError(f"{path}: {e}") from None
+
+
+def where_boxed(pred: np.ndarray, truth: np.ndarray, *, iou: float = BOXED_IOU) -> np.ndarray:
+    """Which predicted boxes overlap some annotated box by at least ``iou``.
+
+    Args:
+        pred: (N, 4) predicted boxes.
+        truth: (M, 4) annotated boxes.
+        iou: the least overlap (default :data:`BOXED_IOU`).
+
+    Returns:
+        (N,) bool.
+    """
+    if len(pred) == 0 or len(truth) == 0:
+        return np.zeros(len(pred), bool)
+    return iou_matrix(np.asarray(pred, np.float64), np.asarray(truth, np.float64)).max(axis=1) >= iou
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:

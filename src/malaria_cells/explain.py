@@ -19,7 +19,7 @@ from torch import nn
 
 from malaria_cells import heatmaps
 from malaria_cells.heatmaps import Explanation, colorize, overlay, overlay_png
-from malaria_cells.models import to_input
+from malaria_cells.models import exact_fp32, to_input
 from malaria_cells.predict import Classifier, ImageInput, Prediction
 
 __all__ = [
@@ -86,7 +86,8 @@ def grad_cam(
     with _LOCK:
         handle = layer.register_forward_hook(hook)
         try:
-            with torch.enable_grad():
+            # exact_fp32: on CUDA the heatmap's logit is the one predictions give (no TF32); a no-op on the CPU
+            with torch.enable_grad(), exact_fp32("fp32", x.device):
                 x = x.detach().clone().requires_grad_(True)  # so the graph is built even with frozen weights
                 logit = model(x)[0]
                 s = sign if sign is not None else (1.0 if logit.item() >= 0 else -1.0)

@@ -446,6 +446,49 @@ def choose_threshold(y_true: ArrayLike, prob: ArrayLike, method: str = "youden")
     return float(best[np.argmin(np.abs(best - 0.5))])
 
 
+def specificity_at_sensitivity(y_true: ArrayLike, prob: ArrayLike, sensitivity: float) -> float:
+    """The ROC curve read off at a sensitivity: the best specificity of any threshold reaching it.
+
+    The threshold is chosen on the same cells it is scored on: a property of the ranking, not of an operating point
+    chosen beforehand.
+
+    Args:
+        y_true: Labels, 0 or 1 (both present).
+        prob: Probabilities of Parasitized.
+        sensitivity: The least sensitivity, in (0, 1].
+
+    Returns:
+        Specificity at the highest threshold whose sensitivity is at least ``sensitivity``.
+    """
+    y, p = _validate(y_true, prob)
+    pos, neg = np.sort(p[y == 1]), p[y == 0]
+    if not len(pos) or not len(neg):
+        raise ValueError("needs both Parasitized and Uninfected cells")
+    # Predicting Parasitized at p >= t: t = the k-th lowest positive keeps n_pos - k of them.
+    t = pos[int(np.floor((1.0 - sensitivity) * len(pos) + 1e-9))]
+    return float((neg < t).mean())
+
+
+def sensitivity_at_specificity(y_true: ArrayLike, prob: ArrayLike, specificity: float) -> float:
+    """The ROC curve read off at a specificity: the best sensitivity of any threshold reaching it.
+
+    Args:
+        y_true: Labels, 0 or 1 (both present).
+        prob: Probabilities of Parasitized.
+        specificity: The least specificity, in (0, 1].
+
+    Returns:
+        Sensitivity at the lowest threshold whose specificity is at least ``specificity``.
+    """
+    y, p = _validate(y_true, prob)
+    pos, neg = p[y == 1], np.sort(p[y == 0])
+    if not len(pos) or not len(neg):
+        raise ValueError("needs both Parasitized and Uninfected cells")
+    k = int(np.ceil(specificity * len(neg) - 1e-9))  # negatives that must fall below the threshold
+    t = np.nextafter(neg[k - 1], np.inf) if k > 0 else -np.inf
+    return float((pos >= t).mean())
+
+
 def expected_calibration_error(y_true: ArrayLike, prob: ArrayLike, n_bins: int = N_CALIBRATION_BINS) -> float:
     """Expected calibration error: the cell-weighted mean gap between observed and predicted Parasitized per bin.
 

@@ -378,6 +378,18 @@ class Classifier:
             return self._backend(views).reshape(MAX_VIEWS, len(batch_u8)).mean(axis=0).astype(np.float32)
         return self._backend(batch_u8)
 
+    @property
+    def single_cell_warning(self) -> str | None:
+        """Why this model's answers on single cells deserve less trust than usual (None: no such reason)."""
+        if self.card.get("stain_normalize"):
+            # Adapted on field-photo cells moved to the NIH stain: `smear` does that per photo; single cells cannot
+            # be (no photo to measure the stain on), so they keep their own colours, which the model never saw.
+            return (
+                "this model was adapted on stain-normalized field-photo cells and is meant for smear on whole photos: "
+                "single cells are classified in their own colours"
+            )
+        return None
+
     def predict(
         self,
         images: ImageInput | Iterable[ImageInput],
@@ -433,14 +445,8 @@ class Classifier:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size}")
-        if self.card.get("stain_normalize"):
-            # Adapted on field-photo cells moved to the NIH stain: `smear` does that per photo; single cells cannot
-            # be (no photo to measure the stain on), so here they keep their own colours, which the model never saw.
-            log.warning(
-                "%s was adapted on stain-normalized field-photo cells and is meant for `smear` on whole photos: "
-                "single cells are classified in their own colours",
-                self.source,
-            )
+        if self.single_cell_warning:
+            log.warning("%s: %s", self.source, self.single_cell_warning)
         batch = np.zeros((batch_size, self.prep.input_size, self.prep.input_size, 3), dtype=np.uint8)
         chunks = _chunked(images, names, batch_size)
         if self.decode_processes < 1:

@@ -731,10 +731,12 @@ async def predict(
         )
         if failed
         else None,
+        warning=clf.single_cell_warning,
     )
     payload = body.model_dump(mode="json")
-    if body.error is None:
-        del payload["error"]
+    for key in ("error", "warning"):  # present only when there is something to say
+        if payload[key] is None:
+            del payload[key]
     status = failed[0].status if failed else 200
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     return JSONResponse(payload, status_code=status, headers=headers)

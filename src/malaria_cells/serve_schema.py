@@ -86,6 +86,11 @@ class PredictResponse(BaseModel):
     error: ErrorInfo | None = Field(
         default=None, description="Only when some file failed: the count and the first failure (its code)."
     )
+    warning: str | None = Field(
+        default=None,
+        description="Only when the model is not meant for single cells (e.g. adapted on stain-normalized field "
+        "photos: use /api/v1/smear).",
+    )
 
 
 class SmearCellResult(BaseModel):

@@ -3,7 +3,10 @@ and parasitemia, each with intervals that resample photos (cells of one photo ar
 
 Detection: a found cell matches an annotated box when their IoU is at least 0.5 (also reported at 0.3: the boxes are
 drawn by hand and often offset by a few px), one-to-one, maximising total IoU. Precision is also given for cells
-not cut by the border ("inner"), since annotators rarely boxed those. Classification: the matched cells, with the
+not cut by the border ("inner"), since annotators rarely boxed those, and "where cells are boxed": annotators also
+skipped whole cells in crowded fields, so an inner detection that overlaps no annotated box (IoU < 0.1) cannot be
+judged and is left out, as is one the pipeline itself labels "Other" (not a red cell) unless it matched a box.
+Classification: the matched cells, with the
 annotated type as truth ("difficult" left out). Parasitemia per photo: called infected / counted cells (not cut by
 the border) against annotated infected / annotated cells not cut by the border.
 """
@@ -19,7 +22,7 @@ import numpy as np
 
 from malaria_cells import metrics as M
 from malaria_cells import progress
-from malaria_cells.boxes import FieldBoxes, load_annotations, match
+from malaria_cells.boxes import BOXED_IOU, FieldBoxes, load_annotations, match, where_boxed
 from malaria_cells.detect import on_border
 from malaria_cells.smear import FieldResult, SmearAnalyzer
 
@@ -38,6 +41,8 @@ class PhotoScore:
     matched50: int
     matched50_inner: int
     matched30: int
+    found_boxed: int  # inner detections where cells are boxed (see the module's docstring)
+    matched50_boxed: int
     counted: int  # pipeline's counted cells
     infected: int  # pipeline's infected calls among counted
     truth_infected: int  # annotated infected among truth_counted
@@ -72,6 +77,10 @@ def score_photo(result: FieldResult, truth: FieldBoxes) -> tuple[PhotoScore, np.
     t_border = on_border(tb, width=result.width, height=result.height)
     r5, c5 = match(pred, tb, iou=0.5)
     r3, _ = match(pred, tb, iou=0.3)
+    matched = np.zeros(len(pred), bool)
+    matched[r5] = True
+    other = np.array([c.label == "Other" for c in cells], bool)
+    boxed = inner & (matched | (where_boxed(pred, tb) & ~other))
     unmatched_t = np.setdiff1d(np.arange(len(tb)), c5)
     unmatched_p = np.setdiff1d(np.arange(len(pred)), r5)
     counted_truth = ~t_border & (truth.labels >= 0)
@@ -84,6 +93,8 @@ def score_photo(result: FieldResult, truth: FieldBoxes) -> tuple[PhotoScore, np.
         matched50=len(r5),
         matched50_inner=int(inner[r5].sum()),
         matched30=len(r3),
+        found_boxed=int(boxed.sum()),
+        matched50_boxed=int((boxed & matched).sum()),
         counted=result.n_cells,
         infected=result.n_infected,
         truth_infected=int((counted_truth & (truth.labels == 1)).sum()),
@@ -168,7 +179,7 @@ def _metrics(
     rng = np.random.default_rng(seed)
     k = len(scores)
     numeric = ("truth", "truth_counted", "found", "found_inner", "matched50", "matched50_inner", "matched30",
-               "counted", "infected", "truth_infected")  # fmt: skip
+               "found_boxed", "matched50_boxed", "counted", "infected", "truth_infected")  # fmt: skip
     arr = {f: np.array([getattr(s, f) for s in scores], np.float64) for f in numeric}
 
     def ratio(num: str, den: str) -> dict[str, float]:
@@ -190,6 +201,7 @@ def _metrics(
         "recall_iou50": ratio("matched50", "truth"),
         "precision_iou50": ratio("matched50", "found"),
         "precision_iou50_inner": ratio("matched50_inner", "found_inner"),
+        "precision_iou50_boxed": ratio("matched50_boxed", "found_boxed"),
         "recall_iou30": ratio("matched30", "truth"),
         "precision_iou30": ratio("matched30", "found"),
         "count_error_mean": float(count_err.mean()) if k else float("nan"),
@@ -237,6 +249,8 @@ def _metrics(
                 "truth": s.truth,
                 "found": s.found,
                 "matched50": s.matched50,
+                "found_boxed": s.found_boxed,
+                "matched50_boxed": s.matched50_boxed,
                 "counted": s.counted,
                 "truth_counted": s.truth_counted,
                 "infected": s.infected,
@@ -275,11 +289,16 @@ def render_report(m: dict[str, Any]) -> str:
         f"| recall, IoU 0.5 | {_fmt(d['recall_iou50'])} |",
         f"| precision, IoU 0.5 | {_fmt(d['precision_iou50'])} |",
         f"| precision, IoU 0.5, cells not cut by the border | {_fmt(d['precision_iou50_inner'])} |",
+        f"| precision, IoU 0.5, cells not cut by the border, where cells are boxed¹ | "
+        f"{_fmt(d['precision_iou50_boxed'])} |",
         f"| recall, IoU 0.3 | {_fmt(d['recall_iou30'])} |",
         f"| precision, IoU 0.3 | {_fmt(d['precision_iou30'])} |",
         f"| count error per photo, mean (counted − annotated) | {d['count_error_mean']:.2f} |",
         f"| count error per photo, mean absolute | {d['count_abs_error_mean']:.2f} "
         f"({d['count_abs_error_pct_mean']:.2f} %) |",
+        "",
+        f"¹ Leaves out detections that overlap no annotated box (IoU < {BOXED_IOU}: cells nobody boxed, which cannot "
+        "be judged) and those the pipeline labels Other (white cells, debris) unless they matched a box.",
         "",
         f"## Classification of matched cells ({c['cells']:,} cells, {c['infected']} infected)",
         "",
