@@ -223,3 +223,22 @@ def test_skip_cv_needs_a_final_fit(tmp_path: Path) -> None:
         + ["--final-fit", str(tmp_path / "f")],
     )
     assert res.exit_code == 2 and "no cross-validation results" in res.output
+
+
+def test_teachers_of_a_two_seed_distilled_row() -> None:
+    row = CV.ROW_BY_KEY["custom-cnn-48-distilled-2seeds"]
+    # each teacher row at the student's seed and the next one, row by row
+    assert CV.teacher_runs(row, seed=0) == [
+        ("custom-cnn-48", 0), ("custom-cnn-48", 1), ("custom-cnn-64", 0), ("custom-cnn-64", 1)
+    ]  # fmt: skip
+    assert CV.teacher_runs(row, seed=3)[1] == ("custom-cnn-48", 4)
+    one = CV.ROW_BY_KEY["custom-cnn-48-distilled"]
+    assert CV.teacher_runs(one, seed=0) == [("custom-cnn-48", 0), ("custom-cnn-64", 0)]
+    # the dependency order puts both teacher rows before the student
+    keys = [r.key for r in CV.rows_by_key(["custom-cnn-48-distilled-2seeds-tta"])]
+    assert keys.index("custom-cnn-64") < keys.index("custom-cnn-48-distilled-2seeds") < len(keys) - 1
+    paths = [Path(f"t{i}") for i in range(4)]
+    cfg = CV.fold_config(row, folds=5, fold=1, seed=0, split_seed=0, teachers=paths)
+    assert cfg.distill_from == "t0,t1,t2,t3" and cfg.input_size == 48
+    with pytest.raises(ConfigError, match="teacher runs are needed"):
+        CV.fold_config(row, folds=5, fold=1, seed=0, split_seed=0)

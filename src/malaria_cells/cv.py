@@ -74,6 +74,9 @@ class CvRow:
     tta: bool = False  # evaluation-only row: each member over the 8 dihedral views
     init_from: str | None = None  # finetune: the row whose fold run it starts from (same fold, same seed)
     teachers: tuple[str, ...] = ()  # distillation: rows whose fold runs teach this one (same training patients)
+    # distillation: each teacher row's runs of this many consecutive training seeds, from the student's own (1-4);
+    # the folds and validation patients do not depend on the training seed, so every teacher saw the same patients
+    teacher_seeds: int = 1
 
     @property
     def trained(self) -> bool:
@@ -115,6 +118,19 @@ CV_ROWS: tuple[CvRow, ...] = (
         "custom-cnn-48-distilled-tta",
         "Custom CNN, 48 px, distilled + 8-view TTA",
         members=("custom-cnn-48-distilled",),
+        tta=True,
+    ),
+    CvRow(
+        "custom-cnn-48-distilled-2seeds",
+        "Custom CNN, 48 px, distilled from two seeds each of the 48 and 64 px networks (4 teachers, TTA)",
+        {**_CNN, "input_size": 48},
+        teachers=("custom-cnn-48", "custom-cnn-64"),
+        teacher_seeds=2,
+    ),
+    CvRow(
+        "custom-cnn-48-distilled-2seeds-tta",
+        "Custom CNN, 48 px, distilled from 4 teachers + 8-view TTA",
+        members=("custom-cnn-48-distilled-2seeds",),
         tta=True,
     ),
     CvRow(
@@ -161,6 +177,9 @@ DEFAULT_ROWS = (
 )
 
 
+ROW_BY_KEY = {r.key: r for r in CV_ROWS}
+
+
 def rows_by_key(keys: list[str] | tuple[str, ...]) -> tuple[CvRow, ...]:
     """The rows named by ``keys``, with the rows they depend on added first.
 
@@ -173,7 +192,7 @@ def rows_by_key(keys: list[str] | tuple[str, ...]) -> tuple[CvRow, ...]:
     Raises:
         ConfigError: an unknown key (the message lists the known ones).
     """
-    known = {r.key: r for r in CV_ROWS}
+    known = ROW_BY_KEY
     unknown = [k for k in keys if k not in known]
     if unknown:
         raise ConfigError(f"unknown CV row(s) {unknown}; known: {', '.join(known)}")
@@ -200,6 +219,7 @@ def fold_config(
     seed: int,
     split_seed: int,
     runs: dict[str, Path] | None = None,
+    teachers: list[Path] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> TrainConfig:
     """The resolved training config of one fold of a trained row.
@@ -211,6 +231,7 @@ def fold_config(
         seed: the training seed.
         split_seed: the seed of the folds (shared by every seed and row, so rows are compared on the same folds).
         runs: this fold's finished run per row key (for ``init_from``).
+        teachers: this fold's finished teacher runs (a distilled row; :func:`teacher_runs` names them).
         overrides: config fields applied last (tests: ``max_images``, ``epochs``).
 
     Returns:
@@ -226,9 +247,24 @@ def fold_config(
     if row.init_from:
         values["init_from"] = str((runs or {})[row.init_from])
     if row.teachers:
-        values["distill_from"] = ",".join(str((runs or {})[t]) for t in row.teachers)
+        if not teachers:
+            raise ConfigError(f"{row.key} is distilled: its fold's teacher runs are needed")
+        values["distill_from"] = ",".join(str(t) for t in teachers)
     values.update(overrides or {})
     return resolve_model_defaults(TrainConfig(**values))
+
+
+def teacher_runs(row: CvRow, *, seed: int) -> list[tuple[str, int]]:
+    """The (teacher row, training seed) pairs that teach ``row``'s student of seed ``seed``.
+
+    Args:
+        row: a distilled row.
+        seed: the student's training seed.
+
+    Returns:
+        Each teacher row at seeds ``seed`` .. ``seed + teacher_seeds - 1``, row by row.
+    """
+    return [(t, seed + j) for t in row.teachers for j in range(row.teacher_seeds)]
 
 
 @dataclass
@@ -488,9 +524,28 @@ def cross_validate(
                 if row.trained:
                     done += 1
                     log.info("CV %s: seed %d, fold %d/%d (run %d/%d)", row.key, seed, fold + 1, folds, done, n_runs)
-                    deps = {k: fold_run(k) for k in (row.init_from, *row.teachers) if k}
+                    deps = {k: fold_run(k) for k in (row.init_from,) if k}
+                    teachers = []
+                    for t, s in teacher_runs(row, seed=seed):
+                        if s != seed:
+                            # A teacher seed this invocation's seeds may not cover: trained (or reused) here, on
+                            # the same folds, as its own row would be. (Its own seed's run came first: rows are in
+                            # dependency order.)
+                            teacher = ROW_BY_KEY[t]
+                            cfg_t = fold_config(
+                                teacher, folds=folds, fold=fold, seed=s, split_seed=split_seed, overrides=overrides
+                            )
+                            train_or_reuse(cfg_t, data_dir=data_dir, run_dir=fold_run(t, s), resume=True)
+                        teachers.append(fold_run(t, s))
                     config = fold_config(
-                        row, folds=folds, fold=fold, seed=seed, split_seed=split_seed, runs=deps, overrides=overrides
+                        row,
+                        folds=folds,
+                        fold=fold,
+                        seed=seed,
+                        split_seed=split_seed,
+                        runs=deps,
+                        teachers=teachers,
+                        overrides=overrides,
                     )
                     train_or_reuse(config, data_dir=data_dir, run_dir=fold_run(row.key), resume=True)
                 run_dirs = [fold_run(k) for k in (row.members or (row.key,))]
@@ -828,12 +883,12 @@ def final_fit(
             final_fit(
                 cv_dir=cv_dir,
                 data_dir=data_dir,
-                run_dir=Path(run_dir).parent / f"{Path(run_dir).name}-teacher-{t}",
+                run_dir=Path(run_dir).parent / f"{Path(run_dir).name}-teacher-{t}{'' if s == seed else f'-seed{s}'}",
                 row_key=t,
-                seed=seed,
+                seed=s,
                 overrides=overrides,
             )
-            for t in row.teachers
+            for t, s in teacher_runs(row, seed=seed)
         ]
         values["distill_from"] = ",".join(str(t) for t in teachers)
     values.update(overrides or {})

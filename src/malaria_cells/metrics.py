@@ -446,6 +446,15 @@ def choose_threshold(y_true: ArrayLike, prob: ArrayLike, method: str = "youden")
     return float(best[np.argmin(np.abs(best - 0.5))])
 
 
+def _by_class(y_true: ArrayLike, prob: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Sorted probabilities of the Parasitized and of the Uninfected cells (both classes must be present)."""
+    y, p = _validate(y_true, prob)
+    pos, neg = np.sort(p[y == 1]), np.sort(p[y == 0])
+    if not len(pos) or not len(neg):
+        raise ValueError("needs both Parasitized and Uninfected cells")
+    return pos, neg
+
+
 def specificity_at_sensitivity(y_true: ArrayLike, prob: ArrayLike, sensitivity: float) -> float:
     """The ROC curve read off at a sensitivity: the best specificity of any threshold reaching it.
 
@@ -460,10 +469,7 @@ def specificity_at_sensitivity(y_true: ArrayLike, prob: ArrayLike, sensitivity: 
     Returns:
         Specificity at the highest threshold whose sensitivity is at least ``sensitivity``.
     """
-    y, p = _validate(y_true, prob)
-    pos, neg = np.sort(p[y == 1]), p[y == 0]
-    if not len(pos) or not len(neg):
-        raise ValueError("needs both Parasitized and Uninfected cells")
+    pos, neg = _by_class(y_true, prob)
     # Predicting Parasitized at p >= t: t = the k-th lowest positive keeps n_pos - k of them.
     t = pos[int(np.floor((1.0 - sensitivity) * len(pos) + 1e-9))]
     return float((neg < t).mean())
@@ -480,10 +486,7 @@ def sensitivity_at_specificity(y_true: ArrayLike, prob: ArrayLike, specificity: 
     Returns:
         Sensitivity at the lowest threshold whose specificity is at least ``specificity``.
     """
-    y, p = _validate(y_true, prob)
-    pos, neg = p[y == 1], np.sort(p[y == 0])
-    if not len(pos) or not len(neg):
-        raise ValueError("needs both Parasitized and Uninfected cells")
+    pos, neg = _by_class(y_true, prob)
     k = int(np.ceil(specificity * len(neg) - 1e-9))  # negatives that must fall below the threshold
     t = np.nextafter(neg[k - 1], np.inf) if k > 0 else -np.inf
     return float((pos >= t).mean())
