@@ -203,3 +203,17 @@ def test_adapt_on_normalized_cells_makes_smear_normalize_too(tmp_path, small_run
     with TestClient(create_app(model=result.onnx), base_url="http://127.0.0.1") as client:
         r = client.post("/api/v1/predict", files=[("files", ("cell.png", png.getvalue(), "image/png"))])
     assert r.status_code == 200 and "meant for smear" in r.json()["warning"]
+
+
+def test_a_test_block_of_one_class_still_writes_the_report(tmp_path, small_run):
+    # The lab's last photos (the test block) hold no infected cell: no ROC curve to read there, but no crash either.
+    photos, ann = _lab(tmp_path)
+    entries = json.loads(ann.read_text())
+    for e in entries[-2:]:
+        for o in e["objects"]:
+            o["type"] = "red blood cell"
+    ann.write_text(json.dumps(entries))
+    cfg = AdaptConfig(epochs=1, batch_size=16, val_fraction=0.3, test_fraction=0.2, threads=1)
+    result = adapt(run=small_run, data=photos, annotations=ann, out=tmp_path / "adapted", config=cfg, n_boot=20)
+    assert result.report["test"]["after, high-specificity point chosen on lab val"]["infected"] == 0
+    assert result.report["test_roc_read_off"] == {"before": None, "after": None}

@@ -561,3 +561,14 @@ def test_roc_read_offs_by_hand() -> None:
     assert sensitivity_at_specificity(y, p, 0.1) == 1.0  # above 0.1
     with pytest.raises(ValueError):
         specificity_at_sensitivity([1, 1], [0.2, 0.3], 0.9)
+    for bad in (0.0, 1.1, -0.5):
+        with pytest.raises(ValueError, match="must be in"):
+            specificity_at_sensitivity(y, p, bad)
+        with pytest.raises(ValueError, match="must be in"):
+            sensitivity_at_specificity(y, p, bad)
+    # ties: a negative scored like the threshold positive is called Parasitized (p >= t), so it costs specificity
+    yt = [1, 1, 0, 0, 0, 0]
+    pt = [0.9, 0.5, 0.5, 0.5, 0.2, 0.1]
+    assert specificity_at_sensitivity(yt, pt, 1.0) == 0.5  # t = 0.5: the two 0.5 negatives are above
+    assert sensitivity_at_specificity(yt, pt, 0.75) == 0.5  # 3 of 4 below: t just above 0.5 keeps only 0.9
+    assert sensitivity_at_specificity(yt, pt, 0.5) == 1.0  # 2 of 4 below: t just above 0.2

@@ -425,8 +425,11 @@ def adapt(
         }
         # The ranking's reach at the screening aims, thresholds read off the test cells themselves (a property of the
         # ROC curve, not of an operating point chosen beforehand: those are the rows of "test").
+        both = 0 < yt.sum() < len(yt)  # a test block of one class has no ROC curve to read
         report["test_roc_read_off"] = {
-            when: {
+            when: None
+            if not both
+            else {
                 f"specificity_at_sensitivity_{READ_OFF_SENSITIVITY:g}": M.specificity_at_sensitivity(
                     yt, pt, READ_OFF_SENSITIVITY
                 ),

@@ -122,7 +122,7 @@ CV_ROWS: tuple[CvRow, ...] = (
     ),
     CvRow(
         "custom-cnn-48-distilled-2seeds",
-        "Custom CNN, 48 px, distilled from two seeds each of the 48 and 64 px networks (4 teachers, TTA)",
+        "Custom CNN, 48 px, distilled from two seeds each of the 48 and 64 px networks (4 TTA teachers)",
         {**_CNN, "input_size": 48},
         teachers=("custom-cnn-48", "custom-cnn-64"),
         teacher_seeds=2,
@@ -263,7 +263,14 @@ def teacher_runs(row: CvRow, *, seed: int) -> list[tuple[str, int]]:
 
     Returns:
         Each teacher row at seeds ``seed`` .. ``seed + teacher_seeds - 1``, row by row.
+
+    Raises:
+        ConfigError: a teacher that is not a plain trained row (an evaluation row, or one fine-tuned from another).
     """
+    for t in row.teachers:
+        teacher = ROW_BY_KEY.get(t)
+        if teacher is None or not teacher.trained or teacher.init_from:
+            raise ConfigError(f"{row.key}: teacher {t!r} must be a row trained from scratch")
     return [(t, seed + j) for t in row.teachers for j in range(row.teacher_seeds)]
 
 

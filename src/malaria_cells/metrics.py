@@ -468,7 +468,12 @@ def specificity_at_sensitivity(y_true: ArrayLike, prob: ArrayLike, sensitivity: 
 
     Returns:
         Specificity at the highest threshold whose sensitivity is at least ``sensitivity``.
+
+    Raises:
+        ValueError: one class only, or ``sensitivity`` outside (0, 1].
     """
+    if not 0 < sensitivity <= 1:
+        raise ValueError(f"sensitivity must be in (0, 1], not {sensitivity}")
     pos, neg = _by_class(y_true, prob)
     # Predicting Parasitized at p >= t: t = the k-th lowest positive keeps n_pos - k of them.
     t = pos[int(np.floor((1.0 - sensitivity) * len(pos) + 1e-9))]
@@ -485,7 +490,12 @@ def sensitivity_at_specificity(y_true: ArrayLike, prob: ArrayLike, specificity: 
 
     Returns:
         Sensitivity at the lowest threshold whose specificity is at least ``specificity``.
+
+    Raises:
+        ValueError: one class only, or ``specificity`` outside (0, 1].
     """
+    if not 0 < specificity <= 1:
+        raise ValueError(f"specificity must be in (0, 1], not {specificity}")
     pos, neg = _by_class(y_true, prob)
     k = int(np.ceil(specificity * len(neg) - 1e-9))  # negatives that must fall below the threshold
     t = np.nextafter(neg[k - 1], np.inf) if k > 0 else -np.inf
