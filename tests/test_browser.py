@@ -315,3 +315,33 @@ def test_docs_page_renders_offline(server: str, browser, path: str) -> None:
     spec = json.loads(httpx.get(f"{server}/openapi.json").text)
     assert spec["info"]["title"] == "malaria-cells"
     _only_local(requests, server)
+
+
+def test_a_model_not_meant_for_single_cells_says_so(
+    tmp_path_factory: pytest.TempPathFactory, browser, share: Path, tmp_path: Path
+) -> None:
+    # A model adapted on stain-normalized field photos (its metadata says so): the page shows the API's warning.
+    import json
+
+    import onnx
+
+    from deploy_helpers import tiny_onnx
+
+    model = onnx.load(str(tiny_onnx(tmp_path_factory.mktemp("deploy"))))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "stain_normalize", json.dumps(True)
+    path = tmp_path / "normalized.onnx"
+    onnx.save(model, str(path))
+    served = _serve(tmp_path_factory, "--model", str(path))
+    url = next(served)
+    try:
+        cell = sorted((share / "Parasitized").glob("*.webp"))[0]
+        page, requests = _page(browser, url)
+        assert page.locator("[data-testid=cells-warning]").is_hidden()
+        page.set_input_files("#files", str(cell))
+        page.locator("[data-testid=result][data-state=done]").wait_for(timeout=60_000)
+        warning = page.locator("[data-testid=cells-warning]")
+        assert warning.is_visible() and "meant for smear" in warning.inner_text()
+        _only_local(requests, url)
+    finally:
+        served.close()

@@ -146,6 +146,11 @@ async function send(files) {
     } catch (e) {
       body = { error: { message: `request failed (${e.message})` } };
     }
+    if (body.warning) {
+      // The served model is not meant for single cells (e.g. adapted on stain-normalized field photos): say so.
+      $("cells-warning").textContent = `Note: ${body.warning}.`;
+      $("cells-warning").hidden = false;
+    }
     part.forEach((f, i) => {
       const result = (body.results && body.results[i]) || {
         ok: false, error: { message: (body.error && body.error.message) || "no answer" },
