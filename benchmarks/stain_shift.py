@@ -52,13 +52,6 @@ def shift(rgb: np.ndarray, saturation: float, gain: tuple[float, float, float]) 
     return np.clip(f, 0, 255).astype(np.uint8)
 
 
-def spec_at_sensitivity(y: np.ndarray, p: np.ndarray, sensitivity: float) -> float:
-    """Specificity at the highest threshold that still finds ``sensitivity`` of the positives."""
-    pos = np.sort(p[y == 1])
-    t = pos[int(np.floor((1 - sensitivity) * len(pos)))]
-    return float((p[y == 0] < t).mean())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", required=True, help="ONNX files or run folders")
@@ -107,7 +100,7 @@ def main() -> None:
             ci = M.bootstrap_ci(y, p, g, threshold=clf.threshold, n_boot=args.n_boot, seed=0)
             row[cond] = {
                 **{k: ci[k] for k in ("roc_auc", "sensitivity", "specificity")},
-                "specificity_at_sensitivity_0.85": spec_at_sensitivity(y, p, 0.85),
+                "specificity_at_sensitivity_0.85": M.specificity_at_sensitivity(y, p, 0.85),
                 "cells": int(len(y)),
                 "infected": int(y.sum()),
                 "called_infected_pct": float(100 * (p >= clf.threshold).mean()),
