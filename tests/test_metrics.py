@@ -572,3 +572,18 @@ def test_roc_read_offs_by_hand() -> None:
     assert specificity_at_sensitivity(yt, pt, 1.0) == 0.5  # t = 0.5: the two 0.5 negatives are above
     assert sensitivity_at_specificity(yt, pt, 0.75) == 0.5  # 3 of 4 below: t just above 0.5 keeps only 0.9
     assert sensitivity_at_specificity(yt, pt, 0.5) == 1.0  # 2 of 4 below: t just above 0.2
+
+
+def test_thresholds_for_a_rate_land_on_exact_counts() -> None:
+    from malaria_cells.metrics import threshold_for_sensitivity, threshold_for_specificity
+
+    pos = np.arange(50) / 50.0
+    # sensitivity 0.9 of 50 = 45 kept: the 6th lowest (in floats, (1 - 0.9) * 50 is 4.999..., not 5)
+    t = threshold_for_sensitivity(pos, 0.9)
+    assert t == pos[5] and (pos >= t).sum() == 45
+    neg = np.arange(10) / 10.0
+    t = threshold_for_specificity(neg, 0.9)  # 9 of 10 below: just above the 9th lowest
+    assert (neg < t).sum() == 9 and t > neg[8] and t <= neg[9]
+    assert threshold_for_specificity(np.array([0.2, 1.0]), 1.0) > 1.0  # a negative at 1.0 stays below it
+    with pytest.raises(ValueError, match="must be in"):
+        threshold_for_sensitivity(pos, 0.0)

@@ -166,11 +166,8 @@ def operating_points(y: np.ndarray, p: np.ndarray, *, specificity: float, sensit
     reaches ``specificity``, and at least the balanced one), high sensitivity (the highest whose sensitivity reaches
     ``sensitivity``, and at most the balanced one)."""
     neg, pos = np.sort(p[y == 0]), np.sort(p[y == 1])
-    # specificity(t) = share of negatives below t: the smallest t with at least spec*n negatives below it.
-    k = int(np.ceil(specificity * len(neg)))
-    high_spec = float(np.nextafter(neg[k - 1], 1.0)) if 0 < k <= len(neg) else 0.5
-    j = int(np.floor((1 - sensitivity) * len(pos)))
-    high_sens = float(pos[j]) if len(pos) else 0.5
+    high_spec = M.threshold_for_specificity(neg, specificity) if len(neg) else 0.5
+    high_sens = M.threshold_for_sensitivity(pos, sensitivity) if len(pos) else 0.5
     balanced = float(M.choose_threshold(y, p, method="youden"))
     return {
         "balanced": balanced,

@@ -455,6 +455,40 @@ def _by_class(y_true: ArrayLike, prob: ArrayLike) -> tuple[NDArray[np.float64], 
     return pos, neg
 
 
+def _check_rate(name: str, value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"{name} must be in (0, 1], not {value}")
+
+
+def threshold_for_specificity(neg: NDArray[np.float64], specificity: float) -> float:
+    """The lowest threshold at which at least ``specificity`` of the negatives fall below it (Parasitized: p >= t).
+
+    Args:
+        neg: P(Parasitized) of the Uninfected cells, sorted ascending, at least one.
+        specificity: The least specificity, in (0, 1].
+
+    Returns:
+        The threshold (just above the k-th lowest negative; above 1.0 when that negative is 1.0).
+    """
+    _check_rate("specificity", specificity)
+    k = int(np.ceil(specificity * len(neg) - 1e-9))  # negatives that must fall below; 1e-9: float products like 0.9*10
+    return float(np.nextafter(neg[k - 1], np.inf))
+
+
+def threshold_for_sensitivity(pos: NDArray[np.float64], sensitivity: float) -> float:
+    """The highest threshold at which at least ``sensitivity`` of the positives reach it (Parasitized: p >= t).
+
+    Args:
+        pos: P(Parasitized) of the Parasitized cells, sorted ascending, at least one.
+        sensitivity: The least sensitivity, in (0, 1].
+
+    Returns:
+        The threshold: the k-th lowest positive, keeping the n - k above it.
+    """
+    _check_rate("sensitivity", sensitivity)
+    return float(pos[int(np.floor((1.0 - sensitivity) * len(pos) + 1e-9))])
+
+
 def specificity_at_sensitivity(y_true: ArrayLike, prob: ArrayLike, sensitivity: float) -> float:
     """The ROC curve read off at a sensitivity: the best specificity of any threshold reaching it.
 
@@ -472,12 +506,8 @@ def specificity_at_sensitivity(y_true: ArrayLike, prob: ArrayLike, sensitivity: 
     Raises:
         ValueError: one class only, or ``sensitivity`` outside (0, 1].
     """
-    if not 0 < sensitivity <= 1:
-        raise ValueError(f"sensitivity must be in (0, 1], not {sensitivity}")
     pos, neg = _by_class(y_true, prob)
-    # Predicting Parasitized at p >= t: t = the k-th lowest positive keeps n_pos - k of them.
-    t = pos[int(np.floor((1.0 - sensitivity) * len(pos) + 1e-9))]
-    return float((neg < t).mean())
+    return float((neg < threshold_for_sensitivity(pos, sensitivity)).mean())
 
 
 def sensitivity_at_specificity(y_true: ArrayLike, prob: ArrayLike, specificity: float) -> float:
@@ -494,12 +524,8 @@ def sensitivity_at_specificity(y_true: ArrayLike, prob: ArrayLike, specificity: 
     Raises:
         ValueError: one class only, or ``specificity`` outside (0, 1].
     """
-    if not 0 < specificity <= 1:
-        raise ValueError(f"specificity must be in (0, 1], not {specificity}")
     pos, neg = _by_class(y_true, prob)
-    k = int(np.ceil(specificity * len(neg) - 1e-9))  # negatives that must fall below the threshold
-    t = np.nextafter(neg[k - 1], np.inf) if k > 0 else -np.inf
-    return float((pos >= t).mean())
+    return float((pos >= threshold_for_specificity(neg, specificity)).mean())
 
 
 def expected_calibration_error(y_true: ArrayLike, prob: ArrayLike, n_bins: int = N_CALIBRATION_BINS) -> float:
