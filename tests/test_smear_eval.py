@@ -34,10 +34,10 @@ def test_precision_where_cells_are_boxed_leaves_out_unboxed_and_other_detections
     result = FieldResult("a.jpg", 1000, 1000, cells)
     ps, y, p, _ = score_photo(result, truth)
     assert (ps.found, ps.found_inner, ps.matched50, ps.matched50_inner) == (6, 5, 2, 2)
-    assert (ps.found_boxed, ps.matched50_boxed) == (3, 2)  # cells 0, 1, 2
+    assert (ps.found_boxed, ps.matched50_inner) == (3, 2)  # cells 0, 1, 2
     assert ps.counted == 4 and ps.infected == 1  # counted: inner red cells 0-3
     assert y.tolist() == [0, 1] and np.allclose(p, [0.1, 0.99])
     # a cell labelled Other that matched a box is a correct detection (it stays in), whatever its label
     cells[0] = _cell(0, 0, 0, "Other", float("nan"))
     ps, _, _, _ = score_photo(FieldResult("a.jpg", 1000, 1000, cells), truth)
-    assert (ps.found_boxed, ps.matched50_boxed) == (3, 2)
+    assert (ps.found_boxed, ps.matched50_inner) == (3, 2)

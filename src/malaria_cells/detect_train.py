@@ -256,11 +256,9 @@ def detection_scores(
         # "Where cells are boxed" (as smear-eval counts it, less its "Other" rule, which needs the classifier): inner
         # detections overlapping some annotated box. One that overlaps none sits where the annotators boxed nothing
         # (mostly cells they skipped).
-        m5 = np.zeros(len(det), bool)
-        m5[r5] = True
         boxed = inner & where_boxed(det.boxes, p.boxes)  # a match (IoU >= 0.5) always overlaps
         t["boxed"] += int(boxed.sum())
-        t["boxed_m5"] += int((boxed & m5).sum())
+        t["boxed_m5"] += int(boxed[r5].sum())
     div = lambda a, b: a / b if b else float("nan")  # noqa: E731
     return {
         "recall_iou50": div(t["m5"], t["truth"]),

@@ -41,8 +41,8 @@ class PhotoScore:
     matched50: int
     matched50_inner: int
     matched30: int
-    found_boxed: int  # inner detections where cells are boxed (see the module's docstring)
-    matched50_boxed: int
+    found_boxed: int  # inner detections where cells are boxed (see the module's docstring); its matched ones are
+    # exactly the inner matched ones (matched50_inner)
     counted: int  # pipeline's counted cells
     infected: int  # pipeline's infected calls among counted
     truth_infected: int  # annotated infected among truth_counted
@@ -94,7 +94,6 @@ def score_photo(result: FieldResult, truth: FieldBoxes) -> tuple[PhotoScore, np.
         matched50_inner=int(inner[r5].sum()),
         matched30=len(r3),
         found_boxed=int(boxed.sum()),
-        matched50_boxed=int((boxed & matched).sum()),
         counted=result.n_cells,
         infected=result.n_infected,
         truth_infected=int((counted_truth & (truth.labels == 1)).sum()),
@@ -179,7 +178,7 @@ def _metrics(
     rng = np.random.default_rng(seed)
     k = len(scores)
     numeric = ("truth", "truth_counted", "found", "found_inner", "matched50", "matched50_inner", "matched30",
-               "found_boxed", "matched50_boxed", "counted", "infected", "truth_infected")  # fmt: skip
+               "found_boxed", "counted", "infected", "truth_infected")  # fmt: skip
     arr = {f: np.array([getattr(s, f) for s in scores], np.float64) for f in numeric}
 
     def ratio(num: str, den: str) -> dict[str, float]:
@@ -201,7 +200,7 @@ def _metrics(
         "recall_iou50": ratio("matched50", "truth"),
         "precision_iou50": ratio("matched50", "found"),
         "precision_iou50_inner": ratio("matched50_inner", "found_inner"),
-        "precision_iou50_boxed": ratio("matched50_boxed", "found_boxed"),
+        "precision_iou50_boxed": ratio("matched50_inner", "found_boxed"),
         "recall_iou30": ratio("matched30", "truth"),
         "precision_iou30": ratio("matched30", "found"),
         "count_error_mean": float(count_err.mean()) if k else float("nan"),
@@ -250,7 +249,7 @@ def _metrics(
                 "found": s.found,
                 "matched50": s.matched50,
                 "found_boxed": s.found_boxed,
-                "matched50_boxed": s.matched50_boxed,
+                "matched50_boxed": s.matched50_inner,  # the same cells (kept: the per-photo row reads alone)
                 "counted": s.counted,
                 "truth_counted": s.truth_counted,
                 "infected": s.infected,
